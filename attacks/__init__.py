@@ -1,0 +1,2 @@
+"""Built-in attacks; importing this package registers them in bench.registry.ATTACKS."""
+from attacks import pgd  # noqa: F401

@@ -1,0 +1,152 @@
+"""Command-line interface: `pixeldp-bench run | list | report` (also `python -m bench`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.config import ConfigError, load_profile, shipped_profiles
+from bench.data import REPO_ROOT, DatasetError
+from bench.environment import environment
+from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
+from bench.report import write_report
+from bench.runner import AttackContractError, RunOptions, execute, keyed
+from bench.store import Store, StoreError
+
+USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, FloatingPointError)
+STORE_NAME = "store.sqlite"
+
+
+def default_results_dir() -> Path:
+    """$PIXELDP_BENCH_RESULTS, else the checkout's results/ folder, else a per-user data folder."""
+    env = os.environ.get("PIXELDP_BENCH_RESULTS")
+    if env:
+        return Path(env).expanduser().resolve()
+    if (REPO_ROOT / "pyproject.toml").exists():
+        return REPO_ROOT / "results"
+    return Path.home() / ".local" / "share" / "pixeldp-bench" / "results"
+
+
+def pick_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    return device
+
+
+def new_run_id(results: Path, profile: str) -> str:
+    """<profile>-<UTC timestamp>, suffixed when that folder already exists."""
+    base = f"{profile}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    run_id, n = base, 1
+    while (results / run_id).exists():
+        n += 1
+        run_id = f"{base}-{n}"
+    return run_id
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps)
+    if args.batch_size:
+        profile.batch_size = args.batch_size
+    results = Path(args.results).resolve() if args.results else default_results_dir()
+    device = pick_device(args.device)
+    store = Store(results / STORE_NAME)
+    cells = keyed(profile.cells)
+    run_id = new_run_id(results, profile.name)
+    run_dir = results / run_id
+    run_dir.mkdir(parents=True)
+    settings = profile.settings() | {"examples": args.examples, "seed": args.seed, "max_steps": args.max_steps,
+                                     "profile_source": profile.source}
+    store.start_run(run_id, profile.name, settings, environment(device), cells)
+    print(f"run {run_id}: {len(cells)} cells on {device}; results in {run_dir}", flush=True)
+    options = RunOptions(results_dir=results, device=device, data_root=args.data_root, download=args.download,
+                         batch_size=profile.batch_size, progress=not args.quiet,
+                         log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)))
+    counts = execute(cells, store, options)
+    print(f"{counts['run']} cell(s) computed, {counts['skipped']} reused from the store", flush=True)
+    report = write_report(store, run_id, run_dir)
+    print(report["text"], end="")
+    print(f"tables written to {run_dir}")
+    store.close()
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    load_builtins()
+    print("datasets:")
+    for name in DATASETS.names():
+        spec = DATASETS.get(name)
+        print(f"  {name:12s} {'x'.join(map(str, spec.shape)):10s} {spec.classes:5d} classes  {spec.description}")
+    print("defenses:")
+    for name in DEFENSES.names():
+        cls = DEFENSES.get(name)
+        flags = ", ".join(f for f in ("randomized", "certified") if getattr(cls, f, False)) or "-"
+        print(f"  {name:24s} {flags:22s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    print("attacks:")
+    for name in ATTACKS.names():
+        meta = ATTACKS.meta(name)
+        kind = "minimum-norm" if meta.get("minimum_norm") else "fixed-eps"
+        print(f"  {name:24s} {meta.get('norm', '?'):5s} {kind:13s}{' EOT' if meta.get('eot') else ''}")
+    print("profiles:")
+    print("  " + ", ".join(shipped_profiles()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    candidate = Path(args.run)
+    if candidate.is_dir() and (candidate.parent / STORE_NAME).exists():
+        results, run_id = candidate.resolve().parent, candidate.resolve().name
+    else:
+        results, run_id = (Path(args.results).resolve() if args.results else default_results_dir()), args.run
+    if not (results / STORE_NAME).exists():
+        raise StoreError(f"no results store at {results / STORE_NAME}; pass --results DIR or a run folder")
+    store = Store(results / STORE_NAME)
+    report = write_report(store, run_id, results / run_id)
+    print(report["text"], end="")
+    print(f"tables written to {results / run_id}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixeldp-bench", description="Adversarial-robustness benchmark harness "
+                                     "reproducing PixelDP (Lecuyer et al., IEEE S&P 2019).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a profile (a shipped name like 'smoke' or a path to a TOML file)")
+    run.add_argument("profile", help="shipped profile name or path to a .toml profile")
+    run.add_argument("--examples", type=int, help="number of test examples (fixed stratified subset)")
+    run.add_argument("--max-steps", type=int, help="cap on training steps and attack iterations")
+    run.add_argument("--seed", type=int, help="seed for training, example selection and noise")
+    run.add_argument("--results", help="results folder (default: $PIXELDP_BENCH_RESULTS or <repo>/results)")
+    run.add_argument("--data-root", help="dataset folder (default: $PIXELDP_BENCH_DATA or <repo>/datasets)")
+    run.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument("--batch-size", type=int, help="examples per attack batch")
+    run.add_argument("--quiet", action="store_true", help="no progress bars or per-cell lines")
+    run.set_defaults(func=cmd_run)
+    lst = sub.add_parser("list", help="list registered datasets, defenses, attacks and profiles")
+    lst.set_defaults(func=cmd_list)
+    rep = sub.add_parser("report", help="re-render a run's tables from the results store")
+    rep.add_argument("run", help="run id (folder name under the results folder) or a run folder path")
+    rep.add_argument("--results", help="results folder holding store.sqlite")
+    rep.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"pixeldp-bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pixeldp-bench: interrupted; finished cells are saved, re-run the same command to resume",
+              file=sys.stderr)
+        return 130

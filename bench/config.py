@@ -1,0 +1,206 @@
+"""Profiles: TOML files (read with tomllib) resolved into a validated list of Cells."""
+from __future__ import annotations
+
+import inspect
+import math
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
+from bench.types import Cell
+
+RUN_KEYS = {"name", "datasets", "examples", "seed", "batch_size", "l_attack", "thresholds", "description"}
+DEFENSE_KEYS = {"defense", "params", "datasets"}
+ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against"}
+DEFAULT_L_ATTACK = {"l2": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5], "linf": [0.0, 0.05, 0.1, 0.2, 0.3]}
+DEFAULT_THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+
+
+class ConfigError(ValueError):
+    """A malformed profile; the message names the offending key and the fix."""
+
+
+@dataclass
+class Profile:
+    """A resolved profile: its cells in execution order plus run-level settings."""
+
+    name: str
+    cells: list[Cell]
+    batch_size: int = 100
+    l_attack: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_L_ATTACK))
+    thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self) -> dict[str, Any]:
+        """Run-level settings as plain data (stored with the run)."""
+        return {"name": self.name, "batch_size": self.batch_size, "l_attack": self.l_attack,
+                "thresholds": self.thresholds}
+
+
+def shipped_profiles() -> list[str]:
+    """Names of the profiles shipped inside the package (bench/profiles/*.toml)."""
+    folder = resources.files("bench") / "profiles"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def read_profile_text(name_or_path: str) -> tuple[str, str]:
+    """(profile name, TOML text) for a shipped profile name or a path to a TOML file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"profile file {path} does not exist")
+        return path.stem, path.read_text()
+    if name_or_path not in shipped_profiles():
+        raise ConfigError(f"unknown profile {name_or_path!r}; shipped profiles: {', '.join(shipped_profiles())}"
+                          " (or pass a path to a .toml file)")
+    return name_or_path, (resources.files("bench") / "profiles" / f"{name_or_path}.toml").read_text()
+
+
+def _check_keys(table: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table, got {type(table).__name__}")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; allowed keys: {', '.join(sorted(allowed))}")
+    return table
+
+
+def _as_list(value: Any, where: str) -> list:
+    if isinstance(value, list):
+        return value
+    if isinstance(value, (str, int, float)):
+        return [value]
+    raise ConfigError(f"{where} must be a value or a list, got {type(value).__name__}")
+
+
+def _check_attack_params(name: str, params: dict[str, Any], where: str) -> None:
+    """Reject hyperparameters the attack function does not accept (unless it takes **kwargs)."""
+    signature = inspect.signature(ATTACKS.get(name))
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    accepted = {n for n, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY} - {"threat", "generator"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ConfigError(f"unknown parameter {unknown[0]!r} for attack {name!r} in {where}; "
+                          f"accepted: {', '.join(sorted(accepted))}")
+
+
+def _check_defense_params(name: str, dataset: str, params: dict[str, Any], where: str) -> None:
+    """Construct the defense once (cheap: no training) so that bad parameters fail before running."""
+    try:
+        DEFENSES.get(name)(DATASETS.get(dataset), **params)
+    except UnknownNameError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad parameters for defense {name!r} in {where}: {exc}") from exc
+
+
+def _numbers(values: list, where: str) -> list[float]:
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{where} must hold non-negative finite numbers, got {v!r}")
+        out.append(float(v))
+    return out
+
+
+def _selected(entry: dict[str, Any], key: str, datasets: list[str]) -> list[str]:
+    """The datasets an entry applies to (its own `datasets` list, or all of the run's)."""
+    chosen = _as_list(entry.get("datasets", datasets), key + ".datasets")
+    return [d for d in datasets if d in chosen]
+
+
+def _targets(against: Any, defense_entries: dict[str, dict], where: str) -> set[str]:
+    """Defense labels an attack runs against: 'all', 'randomized', 'deterministic' or a list."""
+    if against in (None, "all"):
+        return set(defense_entries)
+    if against in ("randomized", "deterministic"):
+        want = against == "randomized"
+        return {label for label, e in defense_entries.items()
+                if bool(getattr(DEFENSES.get(e["defense"]), "randomized", False)) == want}
+    labels = set(_as_list(against, where))
+    unknown = sorted(labels - set(defense_entries))
+    if unknown:
+        raise ConfigError(f"{where} names unknown defense {unknown[0]!r}; defenses: {', '.join(defense_entries)}")
+    return labels
+
+
+def parse_profile(text: str, name: str, *, examples: int | None = None, seed: int | None = None,
+                  max_steps: int | None = None) -> Profile:
+    """Validate a profile's TOML text and expand it into cells (clean cell first per defense)."""
+    load_builtins()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"profile {name!r} is not valid TOML: {exc}") from exc
+    _check_keys(raw, {"run", "defenses", "attacks"}, "the profile's top level")
+    run = _check_keys(raw.get("run", {}), RUN_KEYS, "[run]")
+    datasets = [str(d) for d in _as_list(run.get("datasets", ["mnist5k"]), "run.datasets")]
+    for d in datasets:
+        DATASETS.get(d)
+    n_examples = int(examples if examples is not None else run.get("examples", 100))
+    run_seed = int(seed if seed is not None else run.get("seed", 0))
+    if n_examples < 1:
+        raise ConfigError("examples must be at least 1")
+    l_attack = dict(DEFAULT_L_ATTACK)
+    for norm, grid in _check_keys(run.get("l_attack", {}), {"l2", "linf"}, "run.l_attack").items():
+        l_attack[norm] = _numbers(_as_list(grid, f"run.l_attack.{norm}"), f"run.l_attack.{norm}")
+    thresholds = _numbers(_as_list(run.get("thresholds", DEFAULT_THRESHOLDS), "run.thresholds"), "run.thresholds")
+
+    defense_entries = {}
+    for label, entry in _check_keys(raw.get("defenses", {}), set(raw.get("defenses", {})), "[defenses]").items():
+        entry = dict(_check_keys(entry, DEFENSE_KEYS, f"[defenses.{label}]"))
+        entry.setdefault("defense", label)
+        DEFENSES.get(entry["defense"])
+        entry["params"] = dict(_check_keys(entry.get("params", {}), set(entry.get("params", {})),
+                                           f"defenses.{label}.params"))
+        defense_entries[label] = entry
+    if not defense_entries:
+        raise ConfigError("the profile defines no [defenses.*] table; add at least one defense")
+
+    attack_entries = {}
+    for label, entry in _check_keys(raw.get("attacks", {}), set(raw.get("attacks", {})), "[attacks]").items():
+        entry = dict(_check_keys(entry, ATTACK_KEYS, f"[attacks.{label}]"))
+        entry.setdefault("attack", label)
+        meta = ATTACKS.meta(entry["attack"])
+        entry["params"] = dict(entry.get("params", {}))
+        _check_attack_params(entry["attack"], entry["params"], f"[attacks.{label}]")
+        if meta.get("minimum_norm"):
+            if "eps" in entry:
+                raise ConfigError(f"[attacks.{label}]: {entry['attack']} is a minimum-norm attack; drop 'eps' "
+                                  "(accuracy is reported at every run.l_attack value)")
+            entry["eps"] = [None]
+        else:
+            if "eps" not in entry:
+                raise ConfigError(f"[attacks.{label}] needs 'eps' (a number or a list)")
+            entry["eps"] = _numbers(_as_list(entry["eps"], f"attacks.{label}.eps"), f"attacks.{label}.eps")
+        entry["targets"] = _targets(entry.get("against"), defense_entries, f"attacks.{label}.against")
+        attack_entries[label] = entry
+
+    cells: list[Cell] = []
+    for dataset in datasets:
+        for d_label, d_entry in defense_entries.items():
+            if dataset not in _selected(d_entry, f"defenses.{d_label}", datasets):
+                continue
+            _check_defense_params(d_entry["defense"], dataset, d_entry["params"], f"[defenses.{d_label}]")
+            common = dict(dataset=dataset, defense=d_entry["defense"], defense_params=d_entry["params"],
+                          examples=n_examples, seed=run_seed, max_steps=max_steps, defense_label=d_label)
+            cells.append(Cell(attack="none", **common))
+            for a_label, a_entry in attack_entries.items():
+                if d_label not in a_entry["targets"] or dataset not in _selected(a_entry, f"attacks.{a_label}", datasets):
+                    continue
+                meta = ATTACKS.meta(a_entry["attack"])
+                for eps in a_entry["eps"]:
+                    cells.append(Cell(attack=a_entry["attack"], norm=meta["norm"], eps=eps,
+                                      attack_params=a_entry["params"], attack_label=a_label, **common))
+    return Profile(name=str(run.get("name", name)), cells=cells, batch_size=int(run.get("batch_size", 100)),
+                   l_attack=l_attack, thresholds=thresholds, source=raw)
+
+
+def load_profile(name_or_path: str, **overrides: Any) -> Profile:
+    """Read and resolve a shipped profile name or a TOML path."""
+    name, text = read_profile_text(name_or_path)
+    return parse_profile(text, name, **overrides)

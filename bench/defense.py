@@ -1,0 +1,82 @@
+"""Base class of every defense: owns a model, its training recipe, and `predict` (and `certify`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.data import DatasetSpec
+from bench.models import build_model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer and schedule of a training run; `milestones` divide the lr by 10 (Madry et al.)."""
+
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    milestones: tuple[int, ...] = ()
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'adam' or 'sgd'")
+        if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
+
+
+class Defense:
+    """A trainable defense; subclasses override `loss`, `after_step`, `attach` and add `certify`.
+
+    Registration flags (`randomized`, `certified`) are class attributes so that the runner and
+    the checks can read them from the registry without building anything.
+    """
+
+    randomized = False
+    certified = False
+
+    def __init__(self, spec: DatasetSpec, *, arch: str | None = None, arch_params: dict[str, Any] | None = None,
+                 **train: Any):
+        self.spec = spec
+        self.arch = arch or spec.default_model
+        self.arch_params = dict(arch_params or {})
+        if "milestones" in train:
+            train["milestones"] = tuple(train["milestones"])
+        self.train_config = TrainConfig(**train)
+        self.model: nn.Module | None = None
+        self.generator: torch.Generator | None = None
+
+    def build_model(self) -> nn.Module:
+        """A fresh, untrained model for this defense."""
+        return build_model(self.arch, self.spec.shape, self.spec.classes, **self.arch_params)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """Training loss of one batch at optimizer step `step` (plain cross-entropy here)."""
+        return F.cross_entropy(model(x), y)
+
+    def after_step(self, model: nn.Module) -> None:
+        """Hook run after every optimizer step (e.g. PixelDP's Parseval projection)."""
+
+    def attach(self, model: nn.Module, generator: torch.Generator | None = None) -> None:
+        """Adopt a trained (or loaded) model for prediction; `generator` drives any noise."""
+        self.model = model.eval()
+        self.generator = generator
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Predicted labels (N,) for images x (N, C, H, W) in [0,1]."""
+        return self.model(x).argmax(dim=1)
+
+    def judge(self, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(labels (N,), certified radii (N,) or None) for adversarial inputs, with fresh noise.
+
+        Certified defenses return the radius of each adversarial prediction (robust precision).
+        """
+        return self.predict(x_adv), None

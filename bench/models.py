@@ -1,0 +1,84 @@
+"""Model architectures; every model takes [0,1] images (N, C, H, W) and returns logits (N, classes).
+
+All models are `ImageClassifier`s: normalize -> stem (the first conv, no bias) -> noise slot ->
+body. A defense finds the first conv at `model.stem` (e.g. PixelDP's sensitivity control) and
+puts a layer after it by assigning `model.noise`, without model-specific code.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from bench.registry import MODELS
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std held as buffers, so models accept [0,1] pixels."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class ImageClassifier(nn.Module):
+    """normalize -> stem -> noise -> body; `pre_noise` and `post_noise` expose the split."""
+
+    def __init__(self, normalize: nn.Module, stem: nn.Module, body: nn.Module):
+        super().__init__()
+        self.normalize = normalize
+        self.stem = stem
+        self.noise: nn.Module = nn.Identity()
+        self.body = body
+
+    def pre_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) in [0,1] -> the stem's output, i.e. the activations the noise is added to."""
+        return self.stem(self.normalize(x))
+
+    def post_noise(self, h: torch.Tensor) -> torch.Tensor:
+        """Stem activations (already noised) -> logits (N, classes)."""
+        return self.body(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.post_noise(self.noise(self.pre_noise(x)))
+
+
+def _mnist_norm(channels: int) -> Normalize:
+    # Identity normalization keeps the pre-noise layer's sensitivity equal to its weights' norm.
+    return Normalize([0.0] * channels, [1.0] * channels)
+
+
+@MODELS.register("cnn_small")
+def cnn_small(shape: Sequence[int], classes: int, *, width: int = 32, hidden: int = 128) -> ImageClassifier:
+    """Smoke-profile CNN for 28x28 inputs: conv5x5/2 (width) -> conv5x5/2 (2 width) -> FC hidden -> FC.
+
+    The paper's MNIST CNN has the same two strided convs with FC 1024 (Lecuyer et al. 2019, Sec. IV).
+    """
+    channels, height, width_px = shape
+    stem = nn.Conv2d(channels, width, 5, stride=2, padding=2, bias=False)
+    flat = 2 * width * ((height + 3) // 4) * ((width_px + 3) // 4)
+    body = nn.Sequential(
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 5, stride=2, padding=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(flat, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+    )
+    return ImageClassifier(_mnist_norm(channels), stem, body)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_model(arch: str, shape: Sequence[int], classes: int, **kwargs) -> ImageClassifier:
+    """Instantiate a registered architecture for inputs of `shape` (C, H, W) and `classes` outputs."""
+    return MODELS.get(arch)(shape, classes, **kwargs)

@@ -1,0 +1,143 @@
+"""Core value types: ThreatModel, Cell (one unit of work) and Record (one example's outcome)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+NORMS = ("l2", "linf")
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """An L2 or L-inf ball of radius `eps` around x, intersected with the [0,1] pixel box."""
+
+    norm: str
+    eps: float
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm {self.norm!r}; use one of {NORMS}")
+        if not (self.eps >= 0):  # also rejects NaN
+            raise ValueError(f"eps must be a non-negative number, got {self.eps!r}")
+
+    def norm_of(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per-example norm of a perturbation: (N, ...) -> (N,)."""
+        flat = delta.flatten(1)
+        if self.norm == "linf":
+            return flat.abs().amax(dim=1)
+        return flat.norm(p=2, dim=1)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Project x_adv (N, C, H, W) into the eps-ball around x, then into [0, 1]."""
+        delta = x_adv - x
+        if self.norm == "linf":
+            delta = delta.clamp(-self.eps, self.eps)
+        else:
+            norms = self.norm_of(delta).clamp_min(1e-12)
+            factor = (self.eps / norms).clamp(max=1.0)
+            delta = delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+        return (x + delta).clamp(0.0, 1.0)
+
+    def random_init(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A uniformly random point of the ball around x (clipped to the box), same shape as x."""
+        if self.norm == "linf":
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            delta = (2 * noise - 1) * self.eps
+        else:
+            # Uniform in the L2 ball: a Gaussian direction scaled by U^(1/d).
+            direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+            dim = x[0].numel()
+            u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+            delta = direction * (self.eps * u.pow(1.0 / dim)).view(-1, *([1] * (x.dim() - 1)))
+        return (x + delta).clamp(0.0, 1.0)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+        """(N,) bool: x_adv lies in the ball (up to tol) and in the [0,1] box."""
+        in_ball = self.norm_of(x_adv - x) <= self.eps + tol
+        flat = x_adv.flatten(1)
+        in_box = (flat >= -tol).all(dim=1) & (flat <= 1 + tol).all(dim=1)
+        return in_ball & in_box
+
+
+def canonical_json(value: Any) -> str:
+    """Stable JSON text (sorted keys, no spaces) used for hashing configurations."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One dataset x defense x attack (x eps) unit of work; its key names its results forever.
+
+    `eps` is None for minimum-norm attacks (one run gives the whole accuracy-vs-L_attack curve)
+    and for the clean/certification cell (attack "none").
+    """
+
+    dataset: str
+    defense: str
+    attack: str
+    norm: str | None = None
+    eps: float | None = None
+    defense_params: dict[str, Any] = field(default_factory=dict)
+    attack_params: dict[str, Any] = field(default_factory=dict)
+    examples: int = 100
+    seed: int = 0
+    max_steps: int | None = None
+    defense_label: str = ""
+    attack_label: str = ""
+
+    def __post_init__(self) -> None:
+        # Labels default to the registry names; they name rows and columns of the tables.
+        if not self.defense_label:
+            object.__setattr__(self, "defense_label", self.defense)
+        if not self.attack_label:
+            object.__setattr__(self, "attack_label", self.attack)
+
+    def threat(self) -> ThreatModel | None:
+        """The threat model of a fixed-size attack (eps=inf for minimum-norm attacks)."""
+        if self.norm is None:
+            return None
+        return ThreatModel(self.norm, math.inf if self.eps is None else self.eps)
+
+    def defense_config(self) -> dict[str, Any]:
+        """What determines the trained model: dataset, defense, its params, seed and step cap."""
+        return {
+            "dataset": self.dataset,
+            "defense": self.defense,
+            "defense_params": self.defense_params,
+            "seed": self.seed,
+            "max_steps": self.max_steps,
+        }
+
+    def config(self) -> dict[str, Any]:
+        """The full configuration as plain data."""
+        return asdict(self)
+
+    def key(self, version: str) -> str:
+        """SHA-256 of the full configuration plus the package version (hex, 20 chars)."""
+        payload = canonical_json({"cell": self.config(), "version": version})
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Record:
+    """Outcome for one test example in one cell.
+
+    `norm` is the perturbation size of x_adv (0 for the clean cell; inf when a minimum-norm
+    attack found no adversarial example); `radius` is the certified radius of the prediction
+    being judged (None for uncertified defenses).
+    """
+
+    index: int
+    label: int
+    clean_pred: int
+    adv_pred: int
+    norm: float
+    radius: float | None
+    seconds: float
+    forward_passes: int
