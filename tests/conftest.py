@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny models, synthetic data, and a quickly trained CNN on the embedded MNIST."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from bench.data import gather, load_split, select_examples
+from bench.defense import Defense
+from bench.registry import DATASETS, load_builtins
+from bench.training import fit
+
+load_builtins()
+torch.set_num_threads(1)  # two xdist workers share two CPU cores
+
+
+class TinyLinear(nn.Module):
+    """A linear classifier on flattened 1x8x8 images: (N, 1, 8, 8) -> (N, classes)."""
+
+    def __init__(self, classes: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc = nn.Linear(64, classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+@pytest.fixture
+def tiny_model() -> nn.Module:
+    return TinyLinear().eval()
+
+
+@pytest.fixture
+def synthetic_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Eight random 1x8x8 images in [0,1] and labels in {0,1,2}."""
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(8, 1, 8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+@pytest.fixture(scope="session")
+def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
+    """200 stratified mnist5k test images (200, 1, 28, 28) and labels."""
+    test = load_split("mnist5k", "test")
+    return gather(test, select_examples(test, 200, seed=0))
+
+
+@pytest.fixture(scope="session")
+def trained_cnn() -> nn.Module:
+    """cnn_small trained for 300 steps on mnist5k (~97% clean accuracy), eval mode."""
+    defense = Defense(DATASETS.get("mnist5k"), arch="cnn_small", steps=300, batch_size=64, lr=1e-3)
+    model = defense.build_model()
+    fit(defense, model, load_split("mnist5k", "train"), steps=300, seed=0, device=torch.device("cpu"),
+        progress=False)
+    return model.eval()
