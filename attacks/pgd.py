@@ -1,6 +1,8 @@
 """Projected gradient descent (Madry et al. 2018) for L2 and L-inf balls, with restarts."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -61,6 +63,7 @@ def projected_gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tenso
 
 
 def _fixed_norm(norm: str):
+    @functools.wraps(projected_gradient_descent)  # keeps the signature for config validation
     def attack(model, x, y, *, threat: ThreatModel, **hparams):
         if threat.norm != norm:
             raise ValueError(f"this attack is {norm}; got a {threat.norm} threat model")

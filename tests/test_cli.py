@@ -1,0 +1,109 @@
+"""The CLI end to end on a tiny profile: tables, reuse of finished cells, and one-line errors."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.cli import main
+from bench.store import Store
+
+TINY = """
+[run]
+examples = 20
+batch_size = 10
+[defenses.plain]
+defense = "undefended"
+params = { steps = 60, batch_size = 32 }
+[attacks.pgd_linf]
+eps = [0.0, 0.3]
+params = { steps = 5 }
+"""
+
+
+@pytest.fixture
+def tiny_profile(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def run_cli(*args) -> int:
+    return main(list(map(str, args)))
+
+
+def test_run_writes_tables_and_reuses_cells(tiny_profile, tmp_path, capsys):
+    results = tmp_path / "results"
+    assert run_cli("run", tiny_profile, "--results", results, "--quiet") == 0
+    first = capsys.readouterr().out
+    assert "3 cell(s) computed, 0 reused" in first and "Accuracy under attack" in first
+    run_dirs = [p for p in results.iterdir() if p.is_dir() and p.name.startswith("tiny-")]
+    assert len(run_dirs) == 1
+    frame = pd.read_csv(run_dirs[0] / "accuracy_under_attack.csv")
+    clean = frame[frame.attack == "clean"].iloc[0]
+    at_zero = frame[(frame.attack == "pgd_linf") & (frame.eps == 0.0)].iloc[0]
+    at_big = frame[(frame.attack == "pgd_linf") & (frame.eps == 0.3)].iloc[0]
+    assert clean.n == 20 and at_zero.correct == clean.correct  # eps = 0 changes nothing
+    assert at_big.accuracy < clean.accuracy
+    assert clean.ci_low <= clean.accuracy <= clean.ci_high
+    assert (run_dirs[0] / "accuracy_under_attack.md").read_text().count("|") > 10
+
+    assert run_cli("run", tiny_profile, "--results", results, "--quiet") == 0
+    assert "0 cell(s) computed, 3 reused" in capsys.readouterr().out
+    assert run_cli("report", run_dirs[0]) == 0
+    assert "plain" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "smok"], "unknown profile 'smok'"),
+    (["report", "no-such-run", "--results", "{results}"], "no run 'no-such-run'"),
+])
+def test_one_line_errors(args, message, tmp_path, capsys, tiny_profile):
+    results = tmp_path / "results"
+    Store(results / "store.sqlite").close()
+    code = run_cli(*[a.format(results=results) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('defense = "undefended"', 'defense = "nope"', "unknown defense 'nope'"),
+    ("[attacks.pgd_linf]", '[attacks.pgd_linf]\nattack = "nope"', "unknown attack 'nope'"),
+    ("examples = 20", 'examples = 20\ndatasets = ["nope"]', "unknown dataset 'nope'"),
+    ("batch_size = 10", "batch_size = 10\nbogus = 1", "unknown key 'bogus'"),
+])
+def test_bad_profiles_exit_nonzero(old, new, message, tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text(TINY.replace(old, new))
+    assert run_cli("run", path, "--results", tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_unreadable_store_is_reported_and_untouched(tiny_profile, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    junk = b"this is not an sqlite database\n" * 100
+    (results / "store.sqlite").write_bytes(junk)
+    assert run_cli("run", tiny_profile, "--results", results, "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "unreadable" in err and str(results / "store.sqlite") in err and err.count("\n") == 1
+    assert (results / "store.sqlite").read_bytes() == junk
+
+
+def test_console_script_and_module_entry_points(tmp_path):
+    for command in ([str(Path(sys.executable).parent / "pixeldp-bench"), "list"], [sys.executable, "-m", "bench", "list"]):
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "undefended" in out.stdout and "pgd_linf" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench", "run", "smok"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown profile" in bad.stderr
+
+
+def test_help_everywhere():
+    for args in (["--help"], ["run", "--help"], ["list", "--help"], ["report", "--help"]):
+        with pytest.raises(SystemExit) as info:
+            main(args)
+        assert info.value.code == 0

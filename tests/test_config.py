@@ -1,0 +1,67 @@
+"""Profiles: shipped ones parse; every malformed input gives a ConfigError naming the problem."""
+import pytest
+
+from bench.config import ConfigError, load_profile, parse_profile, shipped_profiles
+from bench.registry import UnknownNameError
+
+BASE = """
+[run]
+examples = 10
+[defenses.plain]
+defense = "undefended"
+params = { steps = 5 }
+[attacks.pgd_linf]
+eps = [0.1, 0.2]
+params = { steps = 3 }
+"""
+
+
+def test_shipped_smoke_profile_parses():
+    assert "smoke" in shipped_profiles()
+    profile = load_profile("smoke")
+    assert profile.cells and profile.cells[0].attack == "none"
+    assert all(c.dataset == "mnist5k" for c in profile.cells)
+
+
+def test_cells_expand_defense_by_attack_by_eps():
+    profile = parse_profile(BASE, "t")
+    assert [(c.attack, c.eps) for c in profile.cells] == [("none", None), ("pgd_linf", 0.1), ("pgd_linf", 0.2)]
+    assert profile.cells[1].attack_params == {"steps": 3} and profile.cells[0].examples == 10
+
+
+def test_overrides_change_cells():
+    profile = parse_profile(BASE, "t", examples=3, seed=7, max_steps=2)
+    assert {(c.examples, c.seed, c.max_steps) for c in profile.cells} == {(3, 7, 2)}
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE + "\n[extra]\n", "unknown key 'extra'"),
+    (BASE.replace("examples = 10", "examples = 10\nexampels = 3"), "unknown key 'exampels' in [run]"),
+    (BASE.replace('defense = "undefended"', 'defense = "undefended"\nparam = 1'), "unknown key 'param'"),
+    (BASE.replace("steps = 5", "stepz = 5"), "bad parameters for defense 'undefended'"),
+    (BASE.replace("steps = 3", "stepz = 3"), "unknown parameter 'stepz' for attack 'pgd_linf'"),
+    (BASE.replace("eps = [0.1, 0.2]", "eps = [-0.1]"), "non-negative finite numbers"),
+    (BASE.replace("eps = [0.1, 0.2]", ""), "needs 'eps'"),
+    ("[run]\nexamples = 3\n", "no [defenses.*] table"),
+    ("this is = = not toml", "not valid TOML"),
+])
+def test_malformed_profiles(text, message):
+    with pytest.raises(ConfigError) as info:
+        parse_profile(text, "t")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    (BASE.replace('defense = "undefended"', 'defense = "undefendd"'), "unknown defense 'undefendd'; valid names:"),
+    (BASE.replace("[attacks.pgd_linf]", "[attacks.pgd_linf]\nattack = \"pgd_lin\""), "unknown attack 'pgd_lin'"),
+    (BASE.replace("examples = 10", 'examples = 10\ndatasets = ["mnist6k"]'), "unknown dataset 'mnist6k'"),
+])
+def test_unknown_names_list_valid_ones(text, message):
+    with pytest.raises(UnknownNameError) as info:
+        parse_profile(text, "t")
+    assert message in str(info.value)
+
+
+def test_unknown_profile_name():
+    with pytest.raises(ConfigError, match="unknown profile 'smok'; shipped profiles: .*smoke"):
+        load_profile("smok")
