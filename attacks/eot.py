@@ -1,35 +1,66 @@
 """Expectation over Transformation (Athalye et al. 2018) as a model wrapper for randomized defenses."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
+AVERAGES = ("softmax", "logits")
+
 
 class EOT(nn.Module):
-    """Wraps a randomized model: x (N, C, H, W) -> log of the mean softmax over `draws` noise draws (N, K).
+    """Wraps a randomized model: x (N, C, H, W) -> an average over `draws` noise draws (N, K).
+
+    With `average="softmax"` (default) the output is the log of the mean softmax, so that
+    softmax(EOT(x)) is the expected class probability vector a noisy defense predicts with
+    (PixelDP, Lecuyer et al. 2019, Sec. III-C) and any logit-based loss (CE, CW margin) attacks
+    that expectation. With `average="logits"` the output is the mean of the logits, whose
+    gradient is exactly the mean of the per-draw gradients.
 
     All draws run in ONE batched forward pass of N * draws rows (chunked by `chunk` rows to bound
     memory), so any attack, ours or a library's, receives gradients averaged over the draws.
     When the model exposes `pre_noise` / `noise` / `post_noise` (bench.models.ImageClassifier), the
-    deterministic pre-noise part runs once per image and only the rest is replicated.
+    deterministic pre-noise part runs once per image and only the rest is replicated. The noise
+    itself comes from the wrapped model (its noise layer and that layer's generator).
+
+    Args:
+        model: [0,1] images (N, C, H, W) -> logits (N, K), drawing fresh noise on every call.
+        draws: noise draws per image (20 in the paper's attacks).
+        chunk: at most this many replicated rows per forward call.
+        average: "softmax" (log of the mean probability) or "logits" (mean logit).
     """
 
-    def __init__(self, model: nn.Module, draws: int = 20, chunk: int = 8192):
+    def __init__(self, model: nn.Module, draws: int = 20, chunk: int = 8192, average: str = "softmax"):
         super().__init__()
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if average not in AVERAGES:
+            raise ValueError(f"unknown average {average!r}; use one of {AVERAGES}")
         self.model = model
         self.draws = draws
         self.chunk = chunk
+        self.average = average
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def draw_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every draw, (N, draws, K): one batched pass over N * draws rows."""
         split = all(hasattr(self.model, name) for name in ("pre_noise", "noise", "post_noise"))
         h = self.model.pre_noise(x) if split else x
+        # Rows of one image are adjacent, so the view below groups them per image.
         replicated = h.repeat_interleave(self.draws, dim=0)
+        # Keep whole images per chunk so no image's draws straddle two calls.
+        rows = max(self.draws, self.chunk - self.chunk % self.draws)
         parts = []
-        for start in range(0, replicated.shape[0], self.chunk):
-            piece = replicated[start:start + self.chunk]
-            logits = self.model.post_noise(self.model.noise(piece)) if split else self.model(piece)
-            parts.append(logits.softmax(dim=1))
-        probs = torch.cat(parts).view(x.shape[0], self.draws, -1).mean(dim=1)
-        return probs.clamp_min(1e-12).log()
+        for start in range(0, replicated.shape[0], rows):
+            piece = replicated[start:start + rows]
+            parts.append(self.model.post_noise(self.model.noise(piece)) if split else self.model(piece))
+        return torch.cat(parts).view(x.shape[0], self.draws, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.draw_logits(x)
+        if self.average == "logits":
+            return logits.mean(dim=1)
+        # log(mean softmax) via logsumexp: exact, and no clamp that would zero tiny probabilities' gradients.
+        return torch.logsumexp(logits.log_softmax(dim=2), dim=1) - math.log(self.draws)

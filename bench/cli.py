@@ -1,9 +1,10 @@
-"""Command-line interface: `pixeldp-bench run | list | report` (also `python -m bench`)."""
+"""Command-line interface: `pixeldp-bench run | list | report | compare | baseline` (also `python -m bench`)."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def new_run_id(results: Path, profile: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps)
+    profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
+                           max_draws=args.max_draws)
     if args.batch_size:
         profile.batch_size = args.batch_size
     results = Path(args.results).resolve() if args.results else default_results_dir()
@@ -63,11 +65,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = results / run_id
     run_dir.mkdir(parents=True)
     settings = profile.settings() | {"examples": args.examples, "seed": args.seed, "max_steps": args.max_steps,
-                                     "profile_source": profile.source}
+                                     "max_draws": args.max_draws,
+                                     "profile_source": profile.source,
+                                     # Resolved values (the overrides above may be None): seeds and subset sizes.
+                                     "seeds": sorted({c.seed for c in profile.cells}),
+                                     "examples_per_cell": sorted({c.examples for c in profile.cells})}
     store.start_run(run_id, profile.name, settings, environment(device), cells)
     print(f"run {run_id}: {len(cells)} cells on {device}; results in {run_dir}", flush=True)
     options = RunOptions(results_dir=results, device=device, data_root=args.data_root, download=args.download,
-                         batch_size=profile.batch_size, progress=not args.quiet,
+                         batch_size=profile.batch_size, progress=not args.quiet, max_draws=args.max_draws,
                          log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)))
     counts = execute(cells, store, options)
     print(f"{counts['run']} cell(s) computed, {counts['skipped']} reused from the store", flush=True)
@@ -80,6 +86,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     load_builtins()
+    if getattr(args, "models", False):
+        from bench.archs import describe_models
+
+        print("models (parameters at the input size each is used with):")
+        for name, shape, classes, parameters, users in describe_models():
+            print(f"  {name:26s} {'x'.join(map(str, shape)):10s} {classes:5d} classes {parameters:>12,d} parameters"
+                  f"  {'default for ' + ', '.join(users) if users else ''}".rstrip())
+        return 0
     print("datasets:")
     for name in DATASETS.names():
         spec = DATASETS.get(name)
@@ -108,9 +122,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (results / STORE_NAME).exists():
         raise StoreError(f"no results store at {results / STORE_NAME}; pass --results DIR or a run folder")
     store = Store(results / STORE_NAME)
-    report = write_report(store, run_id, results / run_id)
+    report = write_report(store, run_id, results / run_id, robust_thresholds=args.robust_thresholds)
     print(report["text"], end="")
     print(f"tables written to {results / run_id}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench.compare import compare_runs, format_comparison, open_run
+    from bench.tables import write_table
+
+    results = Path(args.results).resolve() if args.results else default_results_dir()
+    base, new = open_run(args.base, results), open_run(args.new, results)
+    frame, notes = compare_runs(base, new, tolerance=args.tolerance, alpha=args.alpha, correction=args.correction,
+                                robust_thresholds=args.robust_thresholds)
+    print(f"base {base[1]} ({base[0].path}) vs new {new[1]} ({new[0].path}); tolerance {args.tolerance:g}, "
+          f"alpha {args.alpha:g} ({args.correction})")
+    print(format_comparison(frame, notes, everything=args.all), end="")
+    if args.out:
+        write_table(frame, frame, Path(args.out), "comparison", f"Comparison of {new[1]} against {base[1]}.")
+    return 1 if (frame["status"] == "REGRESSION").any() else 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from bench.baseline import export_run
+    from bench.compare import open_run
+
+    results = Path(args.results).resolve() if args.results else default_results_dir()
+    store, run_id = open_run(args.run, results)
+    out = Path(args.out) if args.out else results / "baselines" / store.run_info(run_id)["profile"]
+    path = export_run(store, run_id, out / "baseline.json")
+    with tempfile.TemporaryDirectory() as scratch:  # only the tables' text is kept next to the export
+        text = write_report(store, run_id, Path(scratch))["text"]
+    (out / "tables.md").write_text(f"Tables of baseline run {run_id}.\n\n```\n{text}```\n")
+    print(f"run {run_id} exported to {path}; compare a new run with: pixeldp-bench compare {out} NEW_RUN")
     return 0
 
 
@@ -122,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("profile", help="shipped profile name or path to a .toml profile")
     run.add_argument("--examples", type=int, help="number of test examples (fixed stratified subset)")
     run.add_argument("--max-steps", type=int, help="cap on training steps and attack iterations")
+    run.add_argument("--max-draws", type=int, help="cap on Monte Carlo draw counts (draws, draws_*, *_draws params)")
     run.add_argument("--seed", type=int, help="seed for training, example selection and noise")
     run.add_argument("--results", help="results folder (default: $PIXELDP_BENCH_RESULTS or <repo>/results)")
     run.add_argument("--data-root", help="dataset folder (default: $PIXELDP_BENCH_DATA or <repo>/datasets)")
@@ -131,11 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-cell lines")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list registered datasets, defenses, attacks and profiles")
+    lst.add_argument("--models", action="store_true", help="list architectures with their parameter counts")
     lst.set_defaults(func=cmd_list)
     rep = sub.add_parser("report", help="re-render a run's tables from the results store")
     rep.add_argument("run", help="run id (folder name under the results folder) or a run folder path")
     rep.add_argument("--results", help="results folder holding store.sqlite")
+    rep.add_argument("--robust-thresholds", type=float, nargs="+", help="thresholds T of the robust precision/"
+                     "recall table (default 0.05 0.1)")
     rep.set_defaults(func=cmd_report)
+    cmp = sub.add_parser("compare", help="compare two runs example by example; exit 1 on a significant drop")
+    cmp.add_argument("base", help="baseline: run id, run folder, results folder (latest run) or baseline export")
+    cmp.add_argument("new", help="new run: same forms as BASE")
+    cmp.add_argument("--results", help="results folder holding store.sqlite, for run ids")
+    cmp.add_argument("--tolerance", type=float, default=0.02, help="drop (fraction, e.g. 0.02 = 2 points) tolerated "
+                     "even when significant (default 0.02)")
+    cmp.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    cmp.add_argument("--correction", choices=("holm", "none"), default="holm",
+                     help="multiple-testing correction over all table cells (default holm)")
+    cmp.add_argument("--robust-thresholds", type=float, nargs="+", help="thresholds T for robust recall")
+    cmp.add_argument("--all", action="store_true", help="print every table cell, not only the changed ones")
+    cmp.add_argument("--out", help="folder to write comparison.csv/.md/.tex to")
+    cmp.set_defaults(func=cmd_compare)
+    base = sub.add_parser("baseline", help="export a run to a self-contained JSON baseline for `compare`")
+    base.add_argument("run", help="run id, run folder, or results folder (latest run)")
+    base.add_argument("--results", help="results folder holding store.sqlite, for run ids")
+    base.add_argument("--out", help="output folder (default: <results>/baselines/<profile>)")
+    base.set_defaults(func=cmd_baseline)
     return parser
 
 

@@ -13,8 +13,8 @@ from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_b
 from bench.types import Cell
 
 RUN_KEYS = {"name", "datasets", "examples", "seed", "batch_size", "l_attack", "thresholds", "description"}
-DEFENSE_KEYS = {"defense", "params", "datasets"}
-ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against"}
+DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
+ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params"}
 DEFAULT_L_ATTACK = {"l2": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5], "linf": [0.0, 0.05, 0.1, 0.2, 0.3]}
 DEFAULT_THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 
@@ -113,6 +113,29 @@ def _selected(entry: dict[str, Any], key: str, datasets: list[str]) -> list[str]
     return [d for d in datasets if d in chosen]
 
 
+def _dataset_params(entry: dict[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """An entry's per-dataset parameter overrides: {dataset: {param: value}}, merged over `params`."""
+    table = _check_keys(entry.get("dataset_params", {}), set(entry.get("dataset_params", {})), where)
+    for dataset, params in table.items():
+        DATASETS.get(dataset)
+        _check_keys(params, set(params) if isinstance(params, dict) else set(), f"{where}.{dataset}")
+    return {d: dict(p) for d, p in table.items()}
+
+
+def _cap(params: dict[str, Any], word: str, cap: int | None) -> dict[str, Any]:
+    """Cap integer params named `word`, `word_*` or `*_word` at `cap` (None: unchanged)."""
+    if cap is None:
+        return params
+    return {k: min(v, cap) if (k == word or k.startswith(word + "_") or k.endswith("_" + word))
+            and isinstance(v, int) and not isinstance(v, bool) else v for k, v in params.items()}
+
+
+def cap_counts(params: dict[str, Any], max_steps: int | None, max_draws: int | None) -> dict[str, Any]:
+    """--max-steps caps every iteration count (`steps`, `binary_steps`, `eval_steps`, ...) and --max-draws
+    every Monte Carlo draw count (`draws`, `draws_certify`, ...), so any profile can be shrunk to prove it runs."""
+    return _cap(_cap(params, "steps", max_steps), "draws", max_draws)
+
+
 def _targets(against: Any, defense_entries: dict[str, dict], where: str) -> set[str]:
     """Defense labels an attack runs against: 'all', 'randomized', 'deterministic' or a list."""
     if against in (None, "all"):
@@ -129,8 +152,15 @@ def _targets(against: Any, defense_entries: dict[str, dict], where: str) -> set[
 
 
 def parse_profile(text: str, name: str, *, examples: int | None = None, seed: int | None = None,
-                  max_steps: int | None = None) -> Profile:
-    """Validate a profile's TOML text and expand it into cells (clean cell first per defense)."""
+                  max_steps: int | None = None, max_draws: int | None = None) -> Profile:
+    """Validate a profile's TOML text and expand it into cells (clean cell first per defense).
+
+    `dataset_params` tables override an entry's `params` per dataset, an attack's `eps` may be a
+    table {dataset: [eps, ...]}; `max_steps` and `max_draws` cap iteration and draw counts in every
+    entry's params (see `cap_counts`; the runner also caps training steps).
+    """
+    if max_draws is not None and max_draws < 1:
+        raise ConfigError("--max-draws must be at least 1")
     load_builtins()
     try:
         raw = tomllib.loads(text)
@@ -157,6 +187,7 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
         DEFENSES.get(entry["defense"])
         entry["params"] = dict(_check_keys(entry.get("params", {}), set(entry.get("params", {})),
                                            f"defenses.{label}.params"))
+        entry["dataset_params"] = _dataset_params(entry, f"defenses.{label}.dataset_params")
         defense_entries[label] = entry
     if not defense_entries:
         raise ConfigError("the profile defines no [defenses.*] table; add at least one defense")
@@ -167,7 +198,9 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
         entry.setdefault("attack", label)
         meta = ATTACKS.meta(entry["attack"])
         entry["params"] = dict(entry.get("params", {}))
-        _check_attack_params(entry["attack"], entry["params"], f"[attacks.{label}]")
+        entry["dataset_params"] = _dataset_params(entry, f"attacks.{label}.dataset_params")
+        for params in [entry["params"]] + [entry["params"] | p for p in entry["dataset_params"].values()]:
+            _check_attack_params(entry["attack"], params, f"[attacks.{label}]")
         if meta.get("minimum_norm"):
             if "eps" in entry:
                 raise ConfigError(f"[attacks.{label}]: {entry['attack']} is a minimum-norm attack; drop 'eps' "
@@ -175,8 +208,14 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
             entry["eps"] = [None]
         else:
             if "eps" not in entry:
-                raise ConfigError(f"[attacks.{label}] needs 'eps' (a number or a list)")
-            entry["eps"] = _numbers(_as_list(entry["eps"], f"attacks.{label}.eps"), f"attacks.{label}.eps")
+                raise ConfigError(f"[attacks.{label}] needs 'eps' (a number, a list, or a table dataset -> list)")
+            if isinstance(entry["eps"], dict):
+                for d in entry["eps"]:
+                    DATASETS.get(d)
+                entry["eps_by_dataset"] = {d: _numbers(_as_list(v, f"attacks.{label}.eps.{d}"),
+                                                       f"attacks.{label}.eps.{d}") for d, v in entry["eps"].items()}
+            else:
+                entry["eps"] = _numbers(_as_list(entry["eps"], f"attacks.{label}.eps"), f"attacks.{label}.eps")
         entry["targets"] = _targets(entry.get("against"), defense_entries, f"attacks.{label}.against")
         attack_entries[label] = entry
 
@@ -185,17 +224,22 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
         for d_label, d_entry in defense_entries.items():
             if dataset not in _selected(d_entry, f"defenses.{d_label}", datasets):
                 continue
-            _check_defense_params(d_entry["defense"], dataset, d_entry["params"], f"[defenses.{d_label}]")
-            common = dict(dataset=dataset, defense=d_entry["defense"], defense_params=d_entry["params"],
+            d_params = cap_counts(d_entry["params"] | d_entry["dataset_params"].get(dataset, {}), max_steps,
+                                  max_draws)
+            _check_defense_params(d_entry["defense"], dataset, d_params, f"[defenses.{d_label}]")
+            common = dict(dataset=dataset, defense=d_entry["defense"], defense_params=d_params,
                           examples=n_examples, seed=run_seed, max_steps=max_steps, defense_label=d_label)
             cells.append(Cell(attack="none", **common))
             for a_label, a_entry in attack_entries.items():
                 if d_label not in a_entry["targets"] or dataset not in _selected(a_entry, f"attacks.{a_label}", datasets):
                     continue
                 meta = ATTACKS.meta(a_entry["attack"])
-                for eps in a_entry["eps"]:
+                a_params = cap_counts(a_entry["params"] | a_entry["dataset_params"].get(dataset, {}), max_steps,
+                                      max_draws)
+                by_dataset = a_entry.get("eps_by_dataset")
+                for eps in a_entry["eps"] if by_dataset is None else by_dataset.get(dataset, []):
                     cells.append(Cell(attack=a_entry["attack"], norm=meta["norm"], eps=eps,
-                                      attack_params=a_entry["params"], attack_label=a_label, **common))
+                                      attack_params=a_params, attack_label=a_label, **common))
     return Profile(name=str(run.get("name", name)), cells=cells, batch_size=int(run.get("batch_size", 100)),
                    l_attack=l_attack, thresholds=thresholds, source=raw)
 

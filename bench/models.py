@@ -82,3 +82,6 @@ def count_parameters(model: nn.Module) -> int:
 def build_model(arch: str, shape: Sequence[int], classes: int, **kwargs) -> ImageClassifier:
     """Instantiate a registered architecture for inputs of `shape` (C, H, W) and `classes` outputs."""
     return MODELS.get(arch)(shape, classes, **kwargs)
+
+
+from bench import archs  # noqa: E402,F401  (registers the paper's architectures)

@@ -14,15 +14,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import bench.archs
 import bench.defense
 import bench.models
 import bench.training
 from bench import __version__
 from bench.cache import ModelCache, code_fingerprint
+from bench.checks import probe_gradients
 from bench.data import data_root as resolve_data_root
 from bench.data import gather, load_split, select_examples
 from bench.defense import Defense
-from bench.registry import ATTACKS, DATASETS, DEFENSES
+from bench.overhead import DRAWS, measure_prediction
+from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from bench.store import Store
 from bench.types import Cell, Record
 
@@ -42,6 +45,7 @@ class RunOptions:
     batch_size: int = 100
     progress: bool = True
     log: Callable[[str], None] = print
+    max_draws: int | None = None  # --max-draws: also caps the draw counts of the overhead timings
 
 
 def cell_seed(key: str) -> int:
@@ -95,8 +99,17 @@ class Runner:
         cls = DEFENSES.get(cell.defense)
         defense = cls(spec, **cell.defense_params)
         device = self.options.device
-        model = defense.build_model().to(device)
-        path = self.cache.path(config, code_fingerprint(cls, bench.models, bench.training, bench.defense))
+        with torch.random.fork_rng(devices=[]):
+            # Seeded initialisation: the same cell gives the same weights whatever ran before in this process.
+            torch.manual_seed(cell.seed)
+            model = defense.build_model().to(device)
+        # Parameters a defense declares evaluation-only (e.g. draw counts) do not change the weights.
+        eval_only = getattr(cls, "eval_params", frozenset())
+        trained = dict(config, defense_params={k: v for k, v in cell.defense_params.items() if k not in eval_only})
+        # The architecture's own file counts too: editing a model invalidates its cached weights.
+        architecture = MODELS.get(defense.arch)
+        path = self.cache.path(trained, code_fingerprint(cls, architecture, bench.models, bench.archs, bench.training,
+                                                         bench.defense))
         steps = defense.train_config.steps
         if cell.max_steps is not None:
             steps = min(steps, cell.max_steps)
@@ -177,6 +190,14 @@ class Runner:
         info = {"defense": defense_info, "device": str(device), "attack_kwargs": kwargs,
                 "randomized": bool(getattr(defense, "randomized", False)), "eot": bool(meta.get("eot", False)),
                 "minimum_norm": bool(meta.get("minimum_norm", False))}
+        if attack is not None:
+            # Input-gradient health for bench.checks' masking warning (one pass, noise state restored).
+            info["zero_gradients"] = probe_gradients(defense, x_all[:batch].to(device), y_all[:batch].to(device))
+        if attack is None:
+            # Prediction time per image at 1..1000 draws for the overhead table (random state restored).
+            cap = self.options.max_draws
+            draws = [k for k in DRAWS if cap is None or k <= cap] or [1]
+            info["overhead"] = measure_prediction(defense, x_all, device, draws=draws)
         return records, info
 
     @staticmethod

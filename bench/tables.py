@@ -1,4 +1,4 @@
-"""Accuracy-under-attack tables derived from per-example records, with n and 95% Clopper-Pearson CIs."""
+"""Accuracy-under-attack tables derived from per-example records, and the table writers (CSV, Markdown, LaTeX)."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -12,6 +12,8 @@ from bench.types import Cell, Record
 
 CLEAN = "clean"
 WORST = "worst case"
+LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
 
 def correctness_columns(cell: Cell, records: list[Record], l_attack: dict[str, list[float]]):
@@ -34,40 +36,68 @@ def correctness_columns(cell: Cell, records: list[Record], l_attack: dict[str, l
         yield cell.attack_label, cell.norm, eps, clean_ok & (norms > eps)
 
 
+def accuracy_flags(cells: list[tuple[Cell, list[Record]]],
+                   l_attack: dict[str, list[float]]) -> "OrderedDict[tuple, dict[int, bool]]":
+    """Per-example correctness of every accuracy-table row: (dataset, defense, attack, norm, eps) -> {index: ok}.
+
+    `norm` is "" and `eps` NaN for the clean row. The worst case per (dataset, defense, norm,
+    eps) is the per-example AND over every attack, i.e. the minimum over attacks example by
+    example, never an average of accuracies; it is added only where two or more attacks meet.
+    """
+    rows: "OrderedDict[tuple, dict[int, bool]]" = OrderedDict()
+    worst: "OrderedDict[tuple, dict[int, bool]]" = OrderedDict()
+    attacks_per_slot: dict[tuple, set] = {}
+    for cell, records in cells:
+        if not records:
+            continue
+        indices = [r.index for r in records]
+        for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
+            key = (cell.dataset, cell.defense_label, attack, norm or "", np.nan if eps is None else float(eps))
+            rows[key] = dict(zip(indices, (bool(ok) for ok in correct)))
+            if norm is not None:
+                slot = (cell.dataset, cell.defense_label, norm, float(eps))
+                attacks_per_slot.setdefault(slot, set()).add(attack)
+                flags = worst.setdefault(slot, {})
+                for index, ok in zip(indices, correct):
+                    flags[index] = flags.get(index, True) and bool(ok)
+    for (dataset, defense, norm, eps), flags in worst.items():
+        if len(attacks_per_slot[(dataset, defense, norm, eps)]) >= 2:  # else it is that attack's row
+            rows[(dataset, defense, WORST, norm, eps)] = flags
+    return rows
+
+
+def add_proportion(frame: pd.DataFrame, successes: str, trials: str, name: str) -> pd.DataFrame:
+    """Add column `name` = successes / trials (NaN when trials is 0) and its 95% Clopper-Pearson interval."""
+    k, n = frame[successes].to_numpy(dtype=float), frame[trials].to_numpy(dtype=float)
+    low, high = clopper_pearson(k, n)
+    empty = n == 0
+    frame[name] = np.where(empty, np.nan, k / np.where(empty, 1.0, n))
+    frame[name + "_ci_low"] = np.where(empty, np.nan, low)
+    frame[name + "_ci_high"] = np.where(empty, np.nan, high)
+    return frame
+
+
 def accuracy_frame(cells: list[tuple[Cell, list[Record]]], l_attack: dict[str, list[float]]) -> pd.DataFrame:
     """Long table: one row per (dataset, defense, attack, norm, eps) with n, correct, accuracy, CI.
 
     The worst case per (dataset, defense, norm, eps) is the per-example AND over every attack,
     i.e. the minimum over attacks example by example, never an average of accuracies.
     """
-    rows = []
-    worst: "OrderedDict[tuple, dict[int, bool]]" = OrderedDict()
-    for cell, records in cells:
-        if not records:
-            continue
-        indices = [r.index for r in records]
-        for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
-            rows.append({"dataset": cell.dataset, "defense": cell.defense_label, "attack": attack,
-                         "norm": norm or "", "eps": np.nan if eps is None else float(eps),
-                         "n": len(correct), "correct": int(correct.sum())})
-            if norm is not None:
-                slot = worst.setdefault((cell.dataset, cell.defense_label, norm, float(eps)), {})
-                for index, ok in zip(indices, correct):
-                    slot[index] = slot.get(index, True) and bool(ok)
-    attacks_per_slot: dict[tuple, set] = {}
-    for row in rows:
-        if row["norm"]:
-            attacks_per_slot.setdefault((row["dataset"], row["defense"], row["norm"], row["eps"]), set()).add(row["attack"])
-    for (dataset, defense, norm, eps), flags in worst.items():
-        if len(attacks_per_slot[(dataset, defense, norm, eps)]) < 2:
-            continue  # a single attack's worst case is that attack's column
-        rows.append({"dataset": dataset, "defense": defense, "attack": WORST, "norm": norm, "eps": eps,
-                     "n": len(flags), "correct": int(sum(flags.values()))})
+    rows = [{"dataset": dataset, "defense": defense, "attack": attack, "norm": norm, "eps": eps,
+             "n": len(flags), "correct": int(sum(flags.values()))}
+            for (dataset, defense, attack, norm, eps), flags in accuracy_flags(cells, l_attack).items()]
     frame = pd.DataFrame(rows, columns=["dataset", "defense", "attack", "norm", "eps", "n", "correct"])
     frame["accuracy"] = frame["correct"] / frame["n"]
     low, high = clopper_pearson(frame["correct"].to_numpy(), frame["n"].to_numpy())
     frame["ci_low"], frame["ci_high"] = low, high
     return frame
+
+
+def percent_with_ci(value: float, low: float, high: float) -> str:
+    """'97.5 [94.3, 99.2]' (percent, one decimal), or '-' when undefined (an empty denominator)."""
+    if value is None or not np.isfinite(value):
+        return "-"
+    return f"{100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _column_name(attack: str, norm: str, eps: float) -> str:
@@ -78,8 +108,7 @@ def accuracy_pivot(frame: pd.DataFrame) -> pd.DataFrame:
     """Wide table: rows dataset/defense, columns attack x eps; cells 'acc% [lo, hi]'; plus n."""
     text = frame.assign(
         column=[_column_name(a, n, e) for a, n, e in zip(frame["attack"], frame["norm"], frame["eps"])],
-        cell=[f"{100 * a:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-              for a, lo, hi in zip(frame["accuracy"], frame["ci_low"], frame["ci_high"])],
+        cell=[percent_with_ci(a, lo, hi) for a, lo, hi in zip(frame["accuracy"], frame["ci_low"], frame["ci_high"])],
     )
     # Column order: clean, then each norm's attacks by eps, then that norm's worst case.
     order = [CLEAN] + [c for _, c in sorted(
@@ -105,11 +134,43 @@ def to_text(table: pd.DataFrame) -> str:
     return table.to_string(index=False) + "\n"
 
 
-def write_accuracy_tables(frame: pd.DataFrame, folder: Path) -> dict[str, Path]:
-    """Save the long CSV and the wide Markdown table; returns the paths written."""
+def latex_escape(text: object) -> str:
+    """Escape LaTeX's special characters in a cell or header."""
+    return "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _is_number(value: object) -> bool:
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
+    """A booktabs `table` environment: text columns left-aligned, purely numeric columns right-aligned."""
+    align = "".join("r" if len(table) and all(_is_number(v) for v in table[c]) else "l" for c in table.columns)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}",
+             rf"\label{{tab:{label}}}", r"\small", rf"\begin{{tabular}}{{{align}}}", r"\toprule",
+             " & ".join(latex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(latex_escape(v) for v in row) + r" \\" for row in table.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(long: pd.DataFrame, wide: pd.DataFrame, folder: Path, stem: str, caption: str) -> dict[str, Path]:
+    """Save one table as `<stem>.csv` (long, machine-readable), `.md` and `.tex` (wide); returns the paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": folder / "accuracy_under_attack.csv", "md": folder / "accuracy_under_attack.md"}
-    frame.to_csv(paths["csv"], index=False, float_format="%.6g")
-    paths["md"].write_text("Accuracy under attack, % [95% Clopper-Pearson interval]; n examples per row.\n\n"
-                           + to_markdown(accuracy_pivot(frame)))
+    paths = {"csv": folder / f"{stem}.csv", "md": folder / f"{stem}.md", "tex": folder / f"{stem}.tex"}
+    long.to_csv(paths["csv"], index=False, float_format="%.6g")
+    paths["md"].write_text(caption + "\n\n" + to_markdown(wide))
+    paths["tex"].write_text(to_latex(wide, caption, stem.replace("_", "-")))
     return paths
+
+
+ACCURACY_CAPTION = "Accuracy under attack, % [95% Clopper-Pearson interval]; n examples per row."
+
+
+def write_accuracy_tables(frame: pd.DataFrame, folder: Path) -> dict[str, Path]:
+    """Save the long CSV and the wide Markdown and LaTeX tables; returns the paths written."""
+    return write_table(frame, accuracy_pivot(frame), folder, "accuracy_under_attack", ACCURACY_CAPTION)

@@ -1,2 +1,5 @@
 """Built-in defenses; importing this package registers them in bench.registry.DEFENSES."""
 from defenses import undefended  # noqa: F401
+from defenses import madry  # noqa: F401
+from defenses import convex  # noqa: F401
+from defenses import pixeldp  # noqa: F401

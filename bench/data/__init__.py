@@ -115,3 +115,4 @@ def gather(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch
 
 
 from bench.data import mnist5k  # noqa: E402,F401  (registers the embedded dataset)
+from bench.data import torchvision_sets  # noqa: E402,F401  (registers MNIST, SVHN, CIFAR-10/100, ImageNet)

@@ -1,0 +1,60 @@
+"""EOT variants of the built-in attacks: the same attack run on EOT(model, draws) (Athalye et al. 2018)."""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable
+
+import torch
+
+from attacks.cw import cw_l2
+from attacks.cw_linf import cw_linf
+from attacks.eot import EOT
+from attacks.pgd import projected_gradient_descent
+from bench.registry import ATTACKS
+from bench.types import ThreatModel
+
+
+def with_eot(attack: Callable, name: str, draws: int = 20) -> Callable:
+    """`attack` run against EOT(model, draws): gradients (and successes) use the mean over draws.
+
+    The returned function has `attack`'s keyword-only hyperparameters plus `draws`, `chunk` and
+    `average` in its signature, so profiles are validated and --max-steps caps `steps` as usual.
+    """
+
+    @functools.wraps(attack)
+    def eot_attack(model, x, y, *, threat: ThreatModel, draws: int = draws, chunk: int = 8192,
+                   average: str = "softmax", **hparams):
+        return attack(EOT(model, draws=draws, chunk=chunk, average=average), x, y, threat=threat, **hparams)
+
+    base = inspect.signature(attack)
+    extra = [inspect.Parameter("draws", inspect.Parameter.KEYWORD_ONLY, default=draws, annotation=int),
+             inspect.Parameter("chunk", inspect.Parameter.KEYWORD_ONLY, default=8192, annotation=int),
+             inspect.Parameter("average", inspect.Parameter.KEYWORD_ONLY, default="softmax", annotation=str)]
+    eot_attack.__signature__ = base.replace(parameters=list(base.parameters.values()) + extra)
+    eot_attack.__name__ = eot_attack.__qualname__ = name
+    eot_attack.__doc__ = (f"{attack.__name__} against EOT(model, draws) (default {draws} draws, as in the paper); "
+                          f"see attacks.eot.EOT.\n\n{attack.__doc__ or ''}")
+    del eot_attack.__wrapped__  # inspect must read __signature__, not the wrapped function's
+    return eot_attack
+
+
+def _pgd_for(norm: str) -> Callable:
+    def attack(model, x, y, *, threat: ThreatModel, steps: int = 40, step_size: float | None = None,
+               restarts: int = 1, random_start: bool = True, loss: str = "ce",
+               generator: torch.Generator | None = None):
+        if threat.norm != norm:
+            raise ValueError(f"this attack is {norm}; got a {threat.norm} threat model")
+        return projected_gradient_descent(model, x, y, threat=threat, steps=steps, step_size=step_size,
+                                          restarts=restarts, random_start=random_start, loss=loss, generator=generator)
+
+    attack.__name__ = f"pgd_{norm}"
+    attack.__doc__ = projected_gradient_descent.__doc__
+    return attack
+
+
+ATTACKS.register("cw_l2_eot", with_eot(cw_l2, "cw_l2_eot"), norm="l2", minimum_norm=True, eot=True)
+ATTACKS.register("cw_linf_eot", with_eot(cw_linf, "cw_linf_eot"), norm="linf", minimum_norm=False, eot=True)
+ATTACKS.register("pgd_linf_eot", with_eot(_pgd_for("linf"), "pgd_linf_eot"), norm="linf", minimum_norm=False,
+                 eot=True)
+ATTACKS.register("pgd_l2_eot", with_eot(_pgd_for("l2"), "pgd_l2_eot"), norm="l2", minimum_norm=False, eot=True)

@@ -1,0 +1,27 @@
+"""The paper's architectures; importing this package registers them in bench.registry.MODELS."""
+from bench.archs import inception, mnist, resnet  # noqa: F401
+
+
+def describe_models():
+    """(name, input shape, classes, parameter count, datasets using it by default) for every registered model.
+
+    Each architecture is sized for its registered input shape (else the first dataset that uses
+    it by default) and built on the meta device, so even WRN-28-10 and Inception-v3 cost no memory.
+    """
+    import torch
+
+    from bench.models import build_model
+    from bench.registry import DATASETS, MODELS
+
+    rows = []
+    for name in MODELS.names():
+        meta = MODELS.meta(name)
+        users = [d for d in DATASETS.names() if DATASETS.get(d).default_model == name]
+        spec = DATASETS.get(users[0]) if users else None
+        shape = tuple(meta.get("shape") or (spec.shape if spec else (1, 28, 28)))
+        classes = int(meta.get("classes") or (spec.classes if spec else 10))
+        with torch.device("meta"):
+            model = build_model(name, shape, classes)
+        # All parameters, frozen ones included (a frozen pretrained classifier is still part of the model).
+        rows.append((name, shape, classes, sum(p.numel() for p in model.parameters()), users))
+    return rows

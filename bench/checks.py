@@ -1,0 +1,202 @@
+"""Sanity checks over a run's records (in the spirit of AutoAttack's flags): warnings, never errors."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.registry import ATTACKS, DEFENSES
+from bench.tables import correctness_columns
+from bench.types import Cell, Record
+
+# An undefended model should be (almost) fully broken at these sizes (MNIST-scale budgets).
+LARGE_EPS = {"linf": 0.3, "l2": 3.0}
+BROKEN_ACCURACY = 0.05
+# A minimum-norm attack has no budget: failing on more than this fraction hints at gradient masking.
+UNBOUNDED_FAILURES = 0.10
+# Input gradients this small (L2 norm per example) carry no usable direction in float32.
+ZERO_GRADIENT = 1e-10
+ZERO_GRADIENT_FRACTION = 0.10
+
+CellRecords = list[tuple[Cell, list[Record]]]
+
+
+def _flag(cell: Cell, info: dict[str, Any] | None, name: str) -> bool:
+    """A registration flag of the cell's defense or attack, from the stored info or the registries."""
+    if info is not None and name in info:
+        return bool(info[name])
+    if name == "randomized" and cell.defense in DEFENSES:
+        return bool(getattr(DEFENSES.get(cell.defense), "randomized", False))
+    if name in ("eot", "minimum_norm") and cell.attack in ATTACKS:
+        return bool(ATTACKS.meta(cell.attack).get(name, False))
+    return False
+
+
+def _certified_norm(cell: Cell) -> str | None:
+    """The norm of a certified defense's radii: its `norm` parameter, else its class's `certified_norm`
+    (a norm name, or a function of the defense parameters returning one or None)."""
+    norm = cell.defense_params.get("norm")
+    if norm is None and cell.defense in DEFENSES:
+        norm = getattr(DEFENSES.get(cell.defense), "certified_norm", None)
+        if callable(norm):
+            norm = norm(cell.defense_params)
+    return norm if norm in ("l2", "linf") else None
+
+
+def zero_gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Fractions of examples whose input gradient is ~0, for the CE loss and for the logit margin.
+
+    A zero margin gradient means the model itself hides gradients (masking, e.g. quantization); a
+    zero CE gradient alone means a saturated softmax that stalls CE-based attacks (use the CW loss).
+
+    Args:
+        model: [0,1] images (N, C, H, W) -> logits (N, K).
+        x: images (N, C, H, W); y: true labels (N,).
+    """
+    x = x.detach().clone().requires_grad_(True)
+    logits = model(x)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    ce_grad, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x, retain_graph=True)
+    margin_grad, = torch.autograd.grad((others - true).sum(), x)
+    return {name: float((grad.flatten(1).norm(dim=1) < ZERO_GRADIENT).float().mean())
+            for name, grad in (("ce", ce_grad), ("margin", margin_grad))}
+
+
+def probe_gradients(defense: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """`zero_gradient_fraction` on a defense's model, leaving its noise generator and torch's RNG untouched."""
+    generator = getattr(defense, "generator", None)
+    state = generator.get_state() if generator is not None else None
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return zero_gradient_fraction(defense.model, x, y)
+    finally:
+        if generator is not None:
+            generator.set_state(state)
+
+
+def check_monotone(cells: CellRecords, l_attack: dict[str, list[float]]) -> list[str]:
+    """Accuracy under a fixed-size attack must not grow with eps (beyond one example or 1%)."""
+    curves: dict[tuple, list[tuple[float, int, int]]] = defaultdict(list)
+    for cell, records in cells:
+        if records and cell.attack != "none" and cell.eps is not None:
+            for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
+                curves[(cell.dataset, cell.defense_label, attack, norm)].append((eps, int(correct.sum()), len(correct)))
+    warnings = []
+    for (dataset, defense, attack, norm), points in curves.items():
+        points.sort()
+        for (eps_a, ok_a, n_a), (eps_b, ok_b, n_b) in zip(points, points[1:]):
+            if ok_b - ok_a > max(1.0, 0.01 * n_b):
+                warnings.append(f"{dataset}/{defense}/{attack}: accuracy rises with eps ({norm} {eps_a:g}: "
+                                f"{ok_a}/{n_a} -> {eps_b:g}: {ok_b}/{n_b}); the attack is unreliable "
+                                "(too few steps, a bad step size, or gradient masking)")
+    return warnings
+
+
+def check_undefended_broken(cells: CellRecords, l_attack: dict[str, list[float]]) -> list[str]:
+    """An undefended model must reach ~0% under its strongest fixed-size attack at a large eps."""
+    best: dict[tuple, tuple[float, float, int, int, str]] = {}
+    for cell, records in cells:
+        if not records or cell.defense != "undefended" or cell.attack == "none" or cell.eps is None:
+            continue
+        if cell.eps < LARGE_EPS[cell.norm]:
+            continue
+        for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
+            key = (cell.dataset, cell.defense_label, norm)
+            accuracy = float(correct.mean())
+            if key not in best or accuracy < best[key][1]:
+                best[key] = (eps, accuracy, int(correct.sum()), len(correct), attack)
+    return [f"{dataset}/{defense}: the undefended model keeps {ok}/{n} correct under {attack} at {norm} "
+            f"eps={eps:g}; the attacks look too weak (more steps or restarts)"
+            for (dataset, defense, norm), (eps, accuracy, ok, n, attack) in best.items() if accuracy > BROKEN_ACCURACY]
+
+
+def check_unbounded_failures(cells: CellRecords, infos: list[dict | None]) -> list[str]:
+    """A minimum-norm attack has no budget, so its failures on correctly classified points suggest masking."""
+    warnings = []
+    for (cell, records), info in zip(cells, infos):
+        if not records or cell.attack == "none" or not _flag(cell, info, "minimum_norm"):
+            continue
+        correct = [r for r in records if r.clean_pred == r.label]
+        failed = sum(1 for r in correct if math.isinf(r.norm))
+        if correct and failed > UNBOUNDED_FAILURES * len(correct):
+            warnings.append(f"{cell.dataset}/{cell.defense_label}/{cell.attack_label}: the unbounded attack failed on "
+                            f"{failed}/{len(correct)} correctly classified examples; possible gradient masking or "
+                            "too few iterations / binary-search steps")
+    return warnings
+
+
+def check_zero_gradients(cells: CellRecords, infos: list[dict | None]) -> list[str]:
+    """Flag defenses whose input gradients vanish on many examples (stored by the runner per cell)."""
+    seen: dict[tuple, dict[str, float]] = {}
+    for (cell, records), info in zip(cells, infos):
+        stats = (info or {}).get("zero_gradients")
+        if records and stats:
+            seen.setdefault((cell.dataset, cell.defense_label), stats)
+    warnings = []
+    for (dataset, defense), stats in seen.items():
+        if stats.get("margin", 0.0) > ZERO_GRADIENT_FRACTION:
+            warnings.append(f"{dataset}/{defense}: {100 * stats['margin']:.0f}% of examples have ~zero logit-margin "
+                            "input gradients: gradient masking; gradient-based results are not trustworthy "
+                            "(try a gradient-free attack)")
+        elif stats.get("ce", 0.0) > ZERO_GRADIENT_FRACTION:
+            warnings.append(f"{dataset}/{defense}: {100 * stats['ce']:.0f}% of examples have ~zero cross-entropy "
+                            "input gradients (saturated softmax); prefer the CW margin loss (loss = 'cw')")
+    return warnings
+
+
+def check_randomized_without_eot(cells: CellRecords, infos: list[dict | None]) -> list[str]:
+    """A randomized defense attacked without EOT gets single-draw gradients: its accuracy is overestimated."""
+    warnings = []
+    for (cell, records), info in zip(cells, infos):
+        if not records or cell.attack == "none":
+            continue
+        if _flag(cell, info, "randomized") and not _flag(cell, info, "eot"):
+            warnings.append(f"{cell.dataset}/{cell.defense_label}/{cell.attack_label}"
+                            + ("" if cell.eps is None else f"@{cell.eps:g}")
+                            + ": a randomized defense attacked without EOT; use an *_eot attack for a fair number")
+    return warnings
+
+
+def check_certified_vs_attack(cells: CellRecords, l_attack: dict[str, list[float]]) -> list[str]:
+    """Certified accuracy at radius T can never exceed accuracy under attack at L_attack = T (same norm)."""
+    certified: dict[tuple, tuple[str, dict[int, tuple[bool, float]]]] = {}
+    for cell, records in cells:
+        norm = _certified_norm(cell)
+        if cell.attack == "none" and records and norm and any(r.radius is not None for r in records):
+            certified[(cell.dataset, cell.defense_label)] = (norm, {
+                r.index: (r.clean_pred == r.label, r.radius or 0.0) for r in records})
+    warnings = []
+    for cell, records in cells:
+        slot = certified.get((cell.dataset, cell.defense_label))
+        if not records or cell.attack == "none" or slot is None or slot[0] != cell.norm:
+            continue
+        per_example = slot[1]
+        indices = [r.index for r in records]
+        for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
+            if eps <= 0:
+                continue  # at 0 both are clean accuracies, from different noise draws
+            cert = np.array([per_example.get(i, (False, 0.0))[0] and per_example.get(i, (False, 0.0))[1] >= eps
+                             for i in indices])
+            if cert.sum() > correct.sum():
+                broken = int((cert & ~correct).sum())
+                warnings.append(f"{cell.dataset}/{cell.defense_label}/{attack}: certified accuracy at {norm} radius "
+                                f"{eps:g} ({int(cert.sum())}/{len(cert)}) exceeds accuracy under attack "
+                                f"({int(correct.sum())}/{len(correct)}); {broken} certified example(s) were broken: "
+                                "the certificate or the attack's judging is wrong")
+    return warnings
+
+
+def run_checks(cells: CellRecords, l_attack: dict[str, list[float]],
+               infos: list[dict | None] | None = None) -> list[str]:
+    """Every sanity check over a run's (cell, records) pairs; `infos` are the cells' stored infos, in order."""
+    infos = list(infos) if infos is not None else [None] * len(cells)
+    return (check_monotone(cells, l_attack) + check_undefended_broken(cells, l_attack)
+            + check_unbounded_failures(cells, infos) + check_zero_gradients(cells, infos)
+            + check_randomized_without_eot(cells, infos) + check_certified_vs_attack(cells, l_attack))

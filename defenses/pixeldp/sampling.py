@@ -1,0 +1,66 @@
+"""Batched Monte Carlo over noise draws: pre-noise once per image, post-noise replicated, chunked."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class Samples:
+    """Statistics of `draws` noisy forward passes per example (all (N, K), float64 numpy).
+
+    mean / variance: Monte Carlo mean and unbiased sample variance of the softmax scores;
+    counts: votes (how often each class was the argmax).
+    """
+
+    mean: np.ndarray
+    variance: np.ndarray
+    counts: np.ndarray
+    draws: int
+
+
+@torch.no_grad()
+def sample(model: nn.Module, x: torch.Tensor, draws: int, *, chunk_rows: int = 2048) -> Samples:
+    """Push `draws` independent noise draws of every image of x (N, C, H, W) through the noisy part.
+
+    `model` is a bench.models.ImageClassifier whose `noise` is a NoiseLayer: the deterministic
+    `pre_noise` runs ONCE per image, then blocks of noisy copies (at most `chunk_rows` rows per
+    forward) go through `post_noise`. Draws come from the noise layer's generator.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    per_chunk = max(1, chunk_rows)
+    parts = [_sample_images(model, x[i:i + per_chunk], draws, per_chunk) for i in range(0, x.shape[0], per_chunk)]
+    return Samples(mean=np.concatenate([p[0] for p in parts]), variance=np.concatenate([p[1] for p in parts]),
+                   counts=np.concatenate([p[2] for p in parts]), draws=draws)
+
+
+def _sample_images(model: nn.Module, x: torch.Tensor, draws: int, chunk_rows: int):
+    h = model.pre_noise(x)
+    n = h.shape[0]
+    block = max(1, min(draws, chunk_rows // n))
+    total = sumsq = counts = None
+    for done in range(0, draws, block):
+        d = min(block, draws - done)
+        if hasattr(model.noise, "replicate"):
+            rows = model.noise.replicate(h, d)
+        else:
+            rows = model.noise(h.repeat(d, *([1] * (h.dim() - 1))))
+        probs = model.post_noise(rows).float().softmax(dim=1).view(d, n, -1)
+        votes = torch.zeros_like(probs[0]).scatter_add_(
+            1, probs.argmax(dim=2).T, torch.ones(n, d, device=probs.device, dtype=probs.dtype))
+        # Accumulate in float64: the variance is a difference of two large sums.
+        probs64 = probs.double()
+        block_sum, block_sq = probs64.sum(dim=0), probs64.square().sum(dim=0)
+        if total is None:
+            total, sumsq, counts = block_sum, block_sq, votes.double()
+        else:
+            total += block_sum
+            sumsq += block_sq
+            counts += votes.double()
+    mean = total / draws
+    variance = (sumsq - total * mean) / max(draws - 1, 1)
+    return mean.cpu().numpy(), variance.clamp_min(0).cpu().numpy(), counts.cpu().numpy()
