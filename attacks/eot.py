@@ -27,15 +27,16 @@ class EOT(nn.Module):
     Args:
         model: [0,1] images (N, C, H, W) -> logits (N, K), drawing fresh noise on every call.
         draws: noise draws per image (20 in the paper's attacks).
-        chunk: at most this many replicated rows per forward call.
+        chunk: at most this many replicated rows per forward call; None picks 8192 on CUDA and
+            512 on CPU, where activations of a few hundred rows stay in cache (larger is slower).
         average: "softmax" (log of the mean probability) or "logits" (mean logit).
     """
 
-    def __init__(self, model: nn.Module, draws: int = 20, chunk: int = 8192, average: str = "softmax"):
+    def __init__(self, model: nn.Module, draws: int = 20, chunk: int | None = None, average: str = "softmax"):
         super().__init__()
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
-        if chunk < 1:
+        if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if average not in AVERAGES:
             raise ValueError(f"unknown average {average!r}; use one of {AVERAGES}")
@@ -45,18 +46,19 @@ class EOT(nn.Module):
         self.average = average
 
     def draw_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of every draw, (N, draws, K): one batched pass over N * draws rows."""
+        """Logits of every draw, (N, draws, K): batched passes over N * draws rows in all."""
         split = all(hasattr(self.model, name) for name in ("pre_noise", "noise", "post_noise"))
         h = self.model.pre_noise(x) if split else x
-        # Rows of one image are adjacent, so the view below groups them per image.
-        replicated = h.repeat_interleave(self.draws, dim=0)
-        # Keep whole images per chunk so no image's draws straddle two calls.
-        rows = max(self.draws, self.chunk - self.chunk % self.draws)
+        # Whole images per call; torch.split (unlike slicing) back-propagates without a full-size
+        # zero gradient per chunk, and replicating per chunk bounds the peak memory.
+        chunk = self.chunk or (8192 if x.is_cuda else 512)
+        images = max(1, chunk // self.draws)
         parts = []
-        for start in range(0, replicated.shape[0], rows):
-            piece = replicated[start:start + rows]
-            parts.append(self.model.post_noise(self.model.noise(piece)) if split else self.model(piece))
-        return torch.cat(parts).view(x.shape[0], self.draws, -1)
+        for piece in h.split(images):
+            replicated = piece.repeat_interleave(self.draws, dim=0)  # rows of one image are adjacent
+            logits = self.model.post_noise(self.model.noise(replicated)) if split else self.model(replicated)
+            parts.append(logits.view(piece.shape[0], self.draws, -1))
+        return torch.cat(parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.draw_logits(x)

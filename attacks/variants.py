@@ -23,19 +23,19 @@ def with_eot(attack: Callable, name: str, draws: int = 20) -> Callable:
     """
 
     @functools.wraps(attack)
-    def eot_attack(model, x, y, *, threat: ThreatModel, draws: int = draws, chunk: int = 8192,
+    def eot_attack(model, x, y, *, threat: ThreatModel, draws: int = draws, chunk: int | None = None,
                    average: str = "softmax", **hparams):
         return attack(EOT(model, draws=draws, chunk=chunk, average=average), x, y, threat=threat, **hparams)
 
     base = inspect.signature(attack)
     extra = [inspect.Parameter("draws", inspect.Parameter.KEYWORD_ONLY, default=draws, annotation=int),
-             inspect.Parameter("chunk", inspect.Parameter.KEYWORD_ONLY, default=8192, annotation=int),
+             inspect.Parameter("chunk", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"),
              inspect.Parameter("average", inspect.Parameter.KEYWORD_ONLY, default="softmax", annotation=str)]
     eot_attack.__signature__ = base.replace(parameters=list(base.parameters.values()) + extra)
     eot_attack.__name__ = eot_attack.__qualname__ = name
     eot_attack.__doc__ = (f"{attack.__name__} against EOT(model, draws) (default {draws} draws, as in the paper); "
                           f"see attacks.eot.EOT.\n\n{attack.__doc__ or ''}")
-    del eot_attack.__wrapped__  # inspect must read __signature__, not the wrapped function's
+    del eot_attack.__wrapped__  # the signature above is the truth; tools must not unwrap to `attack`
     return eot_attack
 
 

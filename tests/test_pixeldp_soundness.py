@@ -38,6 +38,7 @@ def test_l2_bound_is_above_power_iteration_on_random_convs(config):
         assert bound <= 3.0 * estimate  # not vacuous
 
 
+@pytest.mark.slow
 def test_l2_bound_on_parseval_projected_and_trained_stems():
     conv = _conv(1, 32, 5, 2, 2, seed=3)
     divided = DividedConv2d.from_conv(conv, kernel_divisor(conv, "l2"))

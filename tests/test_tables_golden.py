@@ -162,3 +162,10 @@ def test_accuracy_pivot_is_unchanged_for_a_single_attack():
     wide = accuracy_pivot(accuracy_frame([(cell, records), (attacked, records)], {}))
     assert list(wide.columns) == ["dataset", "defense", "n", "clean", "pgd_linf linf=0.1"]
     assert wide["pgd_linf linf=0.1"].item().startswith("50.0 [")
+
+
+def test_overhead_hides_draw_columns_no_defense_measured(frames):
+    deterministic = frames["overhead"][~frames["overhead"]["defense"].str.startswith("pixeldp")]
+    columns = list(overhead_pivot(deterministic).columns)
+    assert "predict s/img @1" in columns and "predict s/img @1000" not in columns
+    assert "certify s/img" in columns  # the convex defense certifies
