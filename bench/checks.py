@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.defense import certified_norm
 from bench.registry import ATTACKS, DEFENSES
 from bench.tables import correctness_columns
 from bench.types import Cell, Record
@@ -38,13 +39,8 @@ def _flag(cell: Cell, info: dict[str, Any] | None, name: str) -> bool:
 
 
 def _certified_norm(cell: Cell) -> str | None:
-    """The norm of a certified defense's radii: its `norm` parameter, else its class's `certified_norm`
-    (a norm name, or a function of the defense parameters returning one or None)."""
-    norm = cell.defense_params.get("norm")
-    if norm is None and cell.defense in DEFENSES:
-        norm = getattr(DEFENSES.get(cell.defense), "certified_norm", None)
-        if callable(norm):
-            norm = norm(cell.defense_params)
+    """The norm of a certified defense's radii when it is one the attacks use (l2, linf), else None."""
+    norm = certified_norm(cell.defense, cell.defense_params)
     return norm if norm in ("l2", "linf") else None
 
 

@@ -80,3 +80,16 @@ class Defense:
         Certified defenses return the radius of each adversarial prediction (robust precision).
         """
         return self.predict(x_adv), None
+
+
+def certified_norm(defense: str, params: dict[str, Any]) -> str:
+    """The norm a certified defense's radii are in: its `norm` parameter, else its class's
+    `certified_norm(params)`; "" when unknown (e.g. a user's defense that states neither)."""
+    if params.get("norm"):
+        return str(params["norm"])
+    from bench.registry import DEFENSES  # late: the registry is filled by importing defenses
+
+    if defense not in DEFENSES:
+        return ""
+    rule = getattr(DEFENSES.get(defense), "certified_norm", None)
+    return str(rule(params) or "") if callable(rule) else ""

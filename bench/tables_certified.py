@@ -7,6 +7,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
+from bench.defense import certified_norm
 from bench.tables import WORST, add_proportion, percent_with_ci
 from bench.types import Cell, Record
 
@@ -26,13 +27,8 @@ def certifier_name(cell: Cell) -> str:
 
 
 def certificate_norm(cell: Cell) -> str:
-    """The norm a cell's radii are measured in: defense_params["norm"], PixelDP's mechanism (Gaussian:
-    L2, Laplace: L1), else "" (unknown)."""
-    if cell.defense_params.get("norm"):
-        return str(cell.defense_params["norm"])
-    if cell.defense.startswith("pixeldp"):
-        return "l1" if cell.defense_params.get("mechanism") == "laplace" else "l2"
-    return ""
+    """The norm a cell's radii are measured in ("" when unknown); see bench.defense.certified_norm."""
+    return certified_norm(cell.defense, cell.defense_params)
 
 
 def is_certified(records: list[Record]) -> bool:

@@ -61,6 +61,11 @@ class PixelDP(Defense):
 
     randomized = True
     certified = True
+
+    @staticmethod
+    def certified_norm(params: dict) -> str:
+        """Gaussian noise certifies L2 radii, Laplace noise L1 radii (Lecuyer et al. 2019, Sec. III)."""
+        return "l1" if params.get("mechanism") == "laplace" else "l2"
     # Parameters that only change evaluation: models trained under other values are reused.
     eval_params = frozenset({"draws_certify", "draws_attack", "draws_predict", "eta", "certifier", "statistic",
                              "bound", "chunk_rows"})
