@@ -1,8 +1,6 @@
 """Baseline defenses' speed: certification time per bound method, training-step cost vs undefended."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -12,21 +10,11 @@ from bench.training import make_optimizer
 from defenses.convex.bounds import METHODS, certified
 from defenses.convex.defense import WongKolter
 from defenses.madry import Madry
+from timing import best_seconds
 
 SPEC = DATASETS.get("mnist5k")
 IMAGES = 8
 BATCH = 50
-
-
-def best_seconds(fn, repeats: int = 3) -> float:
-    """Fastest of `repeats` timed calls (the minimum is the least noisy estimate on a shared machine)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - began)
-    return best
 
 
 @pytest.fixture(scope="module")

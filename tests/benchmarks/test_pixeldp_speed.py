@@ -1,8 +1,6 @@
 """PixelDP speed: batched certification vs its unavoidable work and vs the naive loop; training overhead."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -10,22 +8,12 @@ from bench.defense import Defense
 from bench.registry import DATASETS
 from bench.training import make_optimizer
 from defenses.pixeldp.defense import PixelDP
+from timing import best_seconds
 
 SPEC = DATASETS.get("mnist5k")
 DRAWS = 300
 IMAGES = 16
 CHUNK = 2048
-
-
-def best_seconds(fn, repeats: int = 5) -> float:
-    """Fastest of `repeats` timed calls (the minimum is the least noisy estimate on a shared machine)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - began)
-    return best
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +54,9 @@ def test_certify_overhead(benchmark, defense):
     _only_when_enabled(benchmark)
     x = torch.rand(IMAGES, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     benchmark.pedantic(defense.certify, args=(x,), rounds=3, iterations=1, warmup_rounds=1)
-    certify = best_seconds(lambda: defense.certify(x))
-    body_only = best_seconds(lambda: unavoidable(defense.model, x, DRAWS, with_noise=False))
-    with_noise = best_seconds(lambda: unavoidable(defense.model, x, DRAWS, with_noise=True))
+    certify = best_seconds(lambda: defense.certify(x), repeats=5)
+    body_only = best_seconds(lambda: unavoidable(defense.model, x, DRAWS, with_noise=False), repeats=5)
+    with_noise = best_seconds(lambda: unavoidable(defense.model, x, DRAWS, with_noise=True), repeats=5)
     full = best_seconds(lambda: naive(defense.model, x, DRAWS), repeats=3)
     ratios = {"certify_over_pre_plus_post": certify / body_only,
               "certify_over_pre_plus_noise_post": certify / with_noise, "naive_over_certify": full / certify}
