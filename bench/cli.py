@@ -59,6 +59,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         profile.batch_size = args.batch_size
     results = Path(args.results).resolve() if args.results else default_results_dir()
     device = pick_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     store = Store(results / STORE_NAME)
     cells = keyed(profile.cells)
     run_id = new_run_id(results, profile.name)
@@ -175,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--batch-size", type=int, help="examples per attack batch")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-cell lines")
+    run.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 on a "
+                     "machine shared with other jobs)")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list registered datasets, defenses, attacks and profiles")
     lst.add_argument("--models", action="store_true", help="list architectures with their parameter counts")

@@ -227,6 +227,7 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
             d_params = cap_counts(d_entry["params"] | d_entry["dataset_params"].get(dataset, {}), max_steps,
                                   max_draws)
             _check_defense_params(d_entry["defense"], dataset, d_params, f"[defenses.{d_label}]")
+            d_params = DEFENSES.get(d_entry["defense"]).resolve_params(d_params)
             common = dict(dataset=dataset, defense=d_entry["defense"], defense_params=d_params,
                           examples=n_examples, seed=run_seed, max_steps=max_steps, defense_label=d_label)
             cells.append(Cell(attack="none", **common))

@@ -53,6 +53,11 @@ class Defense:
         self.model: nn.Module | None = None
         self.generator: torch.Generator | None = None
 
+    @classmethod
+    def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Parameters as stored in the cell (and hashed into its key); e.g. add a weights file's hash."""
+        return params
+
     def build_model(self) -> nn.Module:
         """A fresh, untrained model for this defense."""
         return build_model(self.arch, self.spec.shape, self.spec.classes, **self.arch_params)
@@ -87,8 +92,9 @@ def certified_norm(defense: str, params: dict[str, Any]) -> str:
     `certified_norm(params)`; "" when unknown (e.g. a user's defense that states neither)."""
     if params.get("norm"):
         return str(params["norm"])
-    from bench.registry import DEFENSES  # late: the registry is filled by importing defenses
+    from bench.registry import DEFENSES, load_builtins  # late: importing defenses fills the registry
 
+    load_builtins()
     if defense not in DEFENSES:
         return ""
     rule = getattr(DEFENSES.get(defense), "certified_norm", None)

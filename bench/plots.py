@@ -34,7 +34,7 @@ def publication_style() -> Iterator[None]:
         yield
 
 
-def new_figure(rows: int, cols: int, width: float = 4.2, height: float = 3.2) -> tuple[Figure, np.ndarray]:
+def new_figure(rows: int, cols: int, width: float = 6.0, height: float = 3.4) -> tuple[Figure, np.ndarray]:
     """A Figure on the Agg canvas (no pyplot state) and its (rows, cols) array of axes."""
     figure = Figure(figsize=(width * cols, height * rows), layout="constrained")
     FigureCanvasAgg(figure)
@@ -217,6 +217,7 @@ def save_figure(figure: Figure, folder: Path, stem: str) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"png": folder / f"{stem}.png", "pdf": folder / f"{stem}.pdf"}
     with publication_style():
-        figure.savefig(paths["png"], dpi=200)
-        figure.savefig(paths["pdf"])
+        # Tight bounding box: long axis labels and the outside legends are never clipped.
+        figure.savefig(paths["png"], dpi=200, bbox_inches="tight")
+        figure.savefig(paths["pdf"], bbox_inches="tight")
     return paths

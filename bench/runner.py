@@ -107,15 +107,17 @@ class Runner:
         eval_only = getattr(cls, "eval_params", frozenset())
         trained = dict(config, defense_params={k: v for k, v in cell.defense_params.items() if k not in eval_only})
         # The architecture's own file counts too: editing a model invalidates its cached weights.
-        architecture = MODELS.get(defense.arch)
-        path = self.cache.path(trained, code_fingerprint(cls, architecture, bench.models, bench.archs, bench.training,
+        sources = [MODELS.get(defense.arch)] if defense.arch in MODELS else []
+        path = self.cache.path(trained, code_fingerprint(cls, *sources, bench.models, bench.archs, bench.training,
                                                          bench.defense))
         steps = defense.train_config.steps
         if cell.max_steps is not None:
             steps = min(steps, cell.max_steps)
         info: dict[str, Any] = {"model_file": path.name, "train_steps": steps,
                                 "parameters": bench.models.count_parameters(model)}
-        if self.cache.load(model, path):
+        if steps == 0:
+            info["loaded_from_cache"] = False  # nothing to train: the model is used as built (e.g. pretrained)
+        elif self.cache.load(model, path):
             info["loaded_from_cache"] = True
             stored = self.cache.metadata(path)
             info.update({k: v for k, v in stored.items() if k.startswith("train_")})

@@ -3,3 +3,4 @@ from defenses import undefended  # noqa: F401
 from defenses import madry  # noqa: F401
 from defenses import convex  # noqa: F401
 from defenses import pixeldp  # noqa: F401
+from defenses import user_model  # noqa: F401
