@@ -42,7 +42,10 @@ class PixelDP(Defense):
         spec: the dataset.
         L: construction bound (input-space radius the noise is calibrated for).
         eps, delta: the DP budget the noise is calibrated for (eps <= 1 for the Gaussian mechanism).
-        mechanism: "gaussian" (L2 radii) or "laplace" (L1 radii).
+        mechanism: "gaussian" (L2 radii by default) or "laplace" (L1 radii).
+        attack_norm: the input norm of the radii: "l2" (Gaussian only: L2->L2 sensitivity,
+            Parseval control) or "l1" (L1->L1 with Laplace, L1->L2 with Gaussian noise: unit
+            L1 / L2 input columns). Default: "l2" for Gaussian, "l1" for Laplace.
         placement: "stem" or "input" (see above).
         draws_certify / draws_attack / draws_predict: noise draws for `certify`, `judge`, `predict`.
         eta: failure probability of each example's certificate (Bonferroni over the classes).
@@ -64,14 +67,14 @@ class PixelDP(Defense):
 
     @staticmethod
     def certified_norm(params: dict) -> str:
-        """Gaussian noise certifies L2 radii, Laplace noise L1 radii (Lecuyer et al. 2019, Sec. III)."""
-        return "l1" if params.get("mechanism") == "laplace" else "l2"
+        """The radii's input norm: `attack_norm`, else L2 for Gaussian and L1 for Laplace noise."""
+        return params.get("attack_norm") or ("l1" if params.get("mechanism") == "laplace" else "l2")
     # Parameters that only change evaluation: models trained under other values are reused.
     eval_params = frozenset({"draws_certify", "draws_attack", "draws_predict", "eta", "certifier", "statistic",
                              "bound", "chunk_rows"})
 
     def __init__(self, spec: DatasetSpec, *, L: float = 0.1, eps: float = 1.0, delta: float = 0.05,
-                 mechanism: str = "gaussian", placement: str = "stem", draws_certify: int = 2000,
+                 mechanism: str = "gaussian", attack_norm: str | None = None, placement: str = "stem", draws_certify: int = 2000,
                  draws_attack: int = 300, draws_predict: int = 25, eta: float = 0.05, certifier: str = "pixeldp",
                  statistic: str = "softmax", bound: str = "auto", noise_ramp_steps: int = 0,
                  noise_ramp_start: float = 0.1, parseval_beta: float = 3e-4, parseval_iters: int = 20,
@@ -82,6 +85,10 @@ class PixelDP(Defense):
                                      ("bound", bound, BOUNDS)):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; use one of {allowed}")
+        attack_norm = attack_norm or ("l2" if mechanism == "gaussian" else "l1")
+        if attack_norm not in ("l1", "l2") or (mechanism == "laplace" and attack_norm != "l1"):
+            raise ValueError(f"attack_norm {attack_norm!r} does not fit {mechanism} noise: Gaussian noise "
+                             "certifies 'l2' or 'l1' radii, Laplace noise 'l1' radii")
         if mechanism == "laplace" and certifier != "pixeldp":
             raise ValueError(f"certifier {certifier!r} needs Gaussian noise; Laplace noise is certified by 'pixeldp'")
         if mechanism == "gaussian" and eps > 1:
@@ -92,7 +99,10 @@ class PixelDP(Defense):
             raise ValueError("need 0 < eta < 1, 0 < noise_ramp_start <= 1, parseval_beta >= 0, parseval_iters >= 0")
         self.L, self.eps, self.delta = float(L), float(eps), float(delta)
         self.mechanism, self.placement = mechanism, placement
-        self.norm = "l2" if mechanism == "gaussian" else "l1"
+        self.norm = attack_norm
+        # Sensitivity kind: input norm -> noise norm (Gaussian noise is calibrated in L2).
+        self.kind = {("gaussian", "l2"): "l2", ("gaussian", "l1"): "l1->l2", ("laplace", "l1"): "l1"}[
+            (mechanism, attack_norm)]
         # Noise calibrated for a pre-noise layer of sensitivity 1 (the construction's target).
         self.sigma = gaussian_sigma(L, eps, delta) if mechanism == "gaussian" else laplace_scale(L, eps)
         self.draws_certify, self.draws_attack, self.draws_predict = draws_certify, draws_attack, draws_predict
@@ -111,7 +121,7 @@ class PixelDP(Defense):
             stem = model.stem
             if not isinstance(stem, nn.Conv2d):
                 raise TypeError(f"placement 'stem' needs a Conv2d stem, {self.arch} has {type(stem).__name__}")
-            model.stem = DividedConv2d.from_conv(stem, kernel_divisor(stem, self.norm))
+            model.stem = DividedConv2d.from_conv(stem, kernel_divisor(stem, self.kind))
             if self.orthogonal_init:
                 with torch.no_grad():
                     nn.init.orthogonal_(model.stem.weight)
@@ -124,11 +134,11 @@ class PixelDP(Defense):
         return model
 
     def _control(self, model: nn.Module) -> None:
-        """Sensitivity control of the stem: Parseval step (L2) or unit-L1 columns (L1)."""
-        if self.norm == "l2":
+        """Sensitivity control of the stem: Parseval step (L2->L2) or unit-L1 / unit-L2 columns (L1->L1 / L1->L2)."""
+        if self.kind == "l2":
             parseval_step(model.stem.weight, self.parseval_beta, self.parseval_iters)
         else:
-            normalize_columns(model.stem.weight, p=1)
+            normalize_columns(model.stem.weight, p=1 if self.kind == "l1" else 2)
 
     def noise_multiplier(self, step: int) -> float:
         """Training noise multiplier: ramps linearly from noise_ramp_start to 1 over noise_ramp_steps."""
@@ -156,10 +166,10 @@ class PixelDP(Defense):
         self.sensitivity = self.measure_sensitivity(model)
 
     def measure_sensitivity(self, model: nn.Module) -> float:
-        """Provable upper bound of the pre-noise map's sensitivity (L2->L2 or L1->L1)."""
+        """Provable upper bound of the pre-noise map's sensitivity (L2->L2, L1->L1 or L1->L2)."""
         if self.placement == "input":
-            return 1.0
-        return stem_sensitivity(model, self.norm)
+            return 1.0  # identity pre-noise map; ||v||_2 <= ||v||_1 covers L1->L2 too
+        return stem_sensitivity(model, self.kind)
 
     def samples(self, x: torch.Tensor, draws: int) -> Samples:
         """Monte Carlo statistics of `draws` fresh noise draws per image of x (N, C, H, W)."""

@@ -16,10 +16,15 @@ def coverage(conv: nn.Conv2d) -> tuple[int, int]:
     return math.ceil(kh / sh), math.ceil(kw / sw)
 
 
+# Sensitivity kinds "input norm -> noise norm": "l2" (L2->L2), "l1" (L1->L1) and "l1->l2".
+KINDS = ("l2", "l1", "l1->l2")
+
+
 def kernel_divisor(conv: nn.Conv2d, norm: str) -> float:
-    """PixelDP's kernel rescaling: sqrt(ch*cw) (= ceil(k/s) for square kernels) for L2, ch*cw for L1."""
+    """PixelDP's kernel rescaling: sqrt(ch*cw) (= ceil(k/s) for square kernels) when the noise
+    norm is L2 ("l2", "l1->l2"), ch*cw for L1->L1."""
     ch, cw = coverage(conv)
-    return math.sqrt(ch * cw) if norm == "l2" else float(ch * cw)
+    return float(ch * cw) if norm == "l1" else math.sqrt(ch * cw)
 
 
 class DividedConv2d(nn.Conv2d):
@@ -126,6 +131,25 @@ def conv_l1_bound(conv: nn.Conv2d, std: torch.Tensor | None = None) -> float:
     return best
 
 
+@torch.no_grad()
+def conv_l1_l2_bound(conv: nn.Conv2d, std: torch.Tensor | None = None) -> float:
+    """Provable upper bound of the L1->L2 operator norm of x -> conv((x - mean) / std), any input size.
+
+    The L1->L2 norm of a linear map is its largest column L2 norm; the column of input pixel
+    (c, y, x) stacks W[:, c, i, j] over one residue class of taps (i, j) mod the stride, so its L2
+    norm is at most the largest sqrt(sum ||W[:, c, i, j]||_2^2) over such a class (exact away from
+    the borders). Computed in float64.
+    """
+    weight = _input_scale(effective_weight(conv).double(), std)
+    sh, sw = conv.stride
+    squared = weight.pow(2).sum(dim=0)  # (in, kh, kw): squared L2 norm of every input column
+    best = 0.0
+    for ri in range(min(sh, squared.shape[1])):
+        for rj in range(min(sw, squared.shape[2])):
+            best = max(best, squared[:, ri::sh, rj::sw].sum(dim=(1, 2)).max().item())
+    return math.sqrt(best)
+
+
 def operator_norm_estimate(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], *, iters: int = 100,
                            generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> float:
     """Power-iteration estimate (a LOWER bound) of the L2->L2 operator norm of an affine map.
@@ -152,10 +176,12 @@ def pre_noise_std(model: nn.Module) -> torch.Tensor | None:
 
 
 def stem_sensitivity(model: nn.Module, norm: str) -> float:
-    """Upper bound of the sensitivity of normalize -> stem ("l2": L2->L2, "l1": L1->L1)."""
+    """Upper bound of the sensitivity of normalize -> stem ("l2": L2->L2, "l1": L1->L1, "l1->l2")."""
     stem = model.stem
     if not isinstance(stem, nn.Conv2d):
         raise TypeError(f"PixelDP's stem placement needs a Conv2d stem, got {type(stem).__name__}")
-    std = pre_noise_std(model)
-    return conv_l2_bound(stem, std) if norm == "l2" else conv_l1_bound(stem, std)
+    bounds = {"l2": conv_l2_bound, "l1": conv_l1_bound, "l1->l2": conv_l1_l2_bound}
+    if norm not in bounds:
+        raise ValueError(f"unknown sensitivity kind {norm!r}; use one of {KINDS}")
+    return bounds[norm](stem, pre_noise_std(model))
 
