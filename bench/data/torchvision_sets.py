@@ -1,8 +1,8 @@
 """MNIST, SVHN, CIFAR-10, CIFAR-100 and ImageNet read by torchvision from its on-disk layout under the data root."""
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms
 
-from bench.data import DatasetError, DatasetSpec, register_dataset
+from bench.data import DatasetError, DatasetSpec, register_dataset, safe_pickle
 from bench.data.augment import horizontal_flip, pad_crop_flip
 
 ROOT_HINT = "(data root: --data-root, else $PIXELDP_BENCH_DATA, else <repo>/datasets; layouts in datasets/README.md)"
@@ -113,7 +113,7 @@ class _CIFAR10(tvd.CIFAR10):
 
     def _load_meta(self) -> None:
         with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as handle:
-            self.classes = pickle.load(handle, encoding="latin1")[self.meta["key"]]
+            self.classes = safe_pickle.load(handle)[self.meta["key"]]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
 
@@ -130,7 +130,7 @@ class _CIFAR100(_CIFAR10):
 def _probe_cifar(path: Path) -> None:
     """Unpickle one CIFAR file and check that images and labels agree."""
     with open(path, "rb") as handle:
-        entry = pickle.load(handle, encoding="latin1")
+        entry = safe_pickle.load(handle)
     if "data" not in entry:
         if not any(k.endswith("label_names") for k in entry):
             raise ValueError("neither a data batch nor a meta file")
@@ -139,6 +139,21 @@ def _probe_cifar(path: Path) -> None:
     data = np.asarray(entry["data"])
     if labels is None or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
         raise ValueError(f"data of shape {data.shape} does not match {len(labels or [])} labels of 3x32x32 images")
+
+
+def _read_cifar(folder: Path, cls: type, split: str) -> SimpleNamespace:
+    """The split's batches as data (N, 3, 32, 32) uint8 and targets, read with the restricted unpickler."""
+    with open(folder / cls.meta["filename"], "rb") as handle:
+        names = safe_pickle.load(handle)[cls.meta["key"]]  # the class names: a corrupt meta file fails here
+    data, targets = [], []
+    for filename, _ in (cls.train_list if split == "train" else cls.test_list):
+        with open(folder / filename, "rb") as handle:
+            entry = safe_pickle.load(handle)
+        data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        targets.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+    if targets and not 0 <= min(targets) <= max(targets) < len(names):
+        raise ValueError(f"labels outside 0..{len(names) - 1}")
+    return SimpleNamespace(data=np.concatenate(data), targets=targets)
 
 
 def _cifar_loader(name: str, cls: type, url: str) -> Callable[[str, Path, bool], ImageTensorDataset]:
@@ -154,8 +169,9 @@ def _cifar_loader(name: str, cls: type, url: str) -> Callable[[str, Path, bool],
         _require(name, split, folder, expected, how)
         files = [folder / f for f, _ in (cls.train_list if split == "train" else cls.test_list)]
         files.append(folder / cls.meta["filename"])
-        data = _load(name, files, _probe_cifar, lambda: cls(str(root), train=split == "train"))
-        images = torch.from_numpy(np.ascontiguousarray(data.data)).permute(0, 3, 1, 2).contiguous()
+        # Read with the restricted unpickler rather than torchvision's plain pickle.load.
+        data = _load(name, files, _probe_cifar, lambda: _read_cifar(folder, cls, split))
+        images = torch.from_numpy(np.ascontiguousarray(data.data))
         return ImageTensorDataset(images, torch.as_tensor(data.targets))
 
     load.__doc__ = f"{name}: 50,000 train / 10,000 test 32x32 images from {cls.base_folder}/ (torchvision)."
