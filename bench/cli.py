@@ -15,10 +15,12 @@ from bench.data import REPO_ROOT, DatasetError
 from bench.environment import environment
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
 from bench.report import write_report
-from bench.runner import AttackContractError, RunOptions, execute, keyed
+from bench.cache import CacheError
+from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
 from bench.store import Store, StoreError
 
-USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, FloatingPointError)
+USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, FloatingPointError,
+               CacheError, IncompleteCellError)
 STORE_NAME = "store.sqlite"
 
 
@@ -33,42 +35,74 @@ def default_results_dir() -> Path:
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available; anything else is passed to torch.device."""
+    """'auto' picks CUDA when available; otherwise cpu, cuda, cuda:N or mps."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return device
 
 
-def new_run_id(results: Path, profile: str) -> str:
-    """<profile>-<UTC timestamp>, suffixed when that folder already exists."""
+def results_folder(args: argparse.Namespace, write: bool) -> Path:
+    """--results (or the default), checked: a folder, and writable when `write`."""
+    results = Path(args.results).expanduser().resolve() if args.results else default_results_dir()
+    if results.exists() and not results.is_dir():
+        raise ConfigError(f"--results {results} is a file, not a folder; pass a folder")
+    if write:
+        probe_target = results if results.exists() else next(p for p in results.parents if p.exists())
+        if not os.access(probe_target, os.W_OK):
+            raise ConfigError(f"results folder {probe_target} is not writable; pass --results to a writable folder "
+                              "(report and compare still read this one)")
+    return results
+
+
+def new_run_folder(results: Path, profile: str) -> tuple[str, Path]:
+    """(run id, its folder) for <profile>-<UTC timestamp>, suffixed -2, -3, ... when taken.
+
+    The folder is created atomically, so two runs started in the same second get different ids.
+    """
     base = f"{profile}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    run_id, n = base, 1
-    while (results / run_id).exists():
-        n += 1
-        run_id = f"{base}-{n}"
-    return run_id
+    results.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        run_id = base if n == 1 else f"{base}-{n}"
+        try:
+            (results / run_id).mkdir()
+        except FileExistsError:
+            continue
+        return run_id, results / run_id
+    raise ConfigError(f"cannot find a free run folder name under {results}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
                            max_draws=args.max_draws)
-    if args.batch_size:
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
         profile.batch_size = args.batch_size
-    results = Path(args.results).resolve() if args.results else default_results_dir()
     device = pick_device(args.device)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    store = Store(results / STORE_NAME)
     cells = keyed(profile.cells)
-    run_id = new_run_id(results, profile.name)
-    run_dir = results / run_id
-    run_dir.mkdir(parents=True)
-    settings = profile.settings() | {"examples": args.examples, "seed": args.seed, "max_steps": args.max_steps,
+    if args.dry_run:
+        return dry_run(args, cells)
+    results = results_folder(args, write=True)
+    if args.max_steps == 0:
+        print("pixeldp-bench: warning: --max-steps 0 trains nothing: every model is evaluated untrained",
+              file=sys.stderr)
+    if profile.seed_source == "os":
+        print(f"seed {profile.seed} (drawn from the OS; pass --seed {profile.seed} to repeat this run)")
+    store = Store(results / STORE_NAME)
+    run_id, run_dir = new_run_folder(results, profile.name)
+    settings = profile.settings() | {"examples": args.examples, "max_steps": args.max_steps,
                                      "max_draws": args.max_draws,
                                      "profile_source": profile.source,
                                      # Resolved values (the overrides above may be None): seeds and subset sizes.
@@ -79,12 +113,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(results_dir=results, device=device, data_root=args.data_root, download=args.download,
                          batch_size=profile.batch_size, progress=not args.quiet, max_draws=args.max_draws,
                          log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)))
+    if args.checkpoint_every is not None:
+        if not args.checkpoint_every > 0:
+            raise ConfigError("--checkpoint-every must be a positive number of seconds")
+        options.checkpoint_seconds = args.checkpoint_every
     counts = execute(cells, store, options)
     print(f"{counts['run']} cell(s) computed, {counts['skipped']} reused from the store", flush=True)
     report = write_report(store, run_id, run_dir)
     print(report["text"], end="")
     print(f"tables written to {run_dir}")
     store.close()
+    return 0
+
+
+def dry_run(args: argparse.Namespace, cells) -> int:
+    """Print, per cell, whether it would be computed or reused and why; writes nothing."""
+    from bench.dryrun import explain, format_plan
+
+    results = results_folder(args, write=False)
+    store = Store(results / STORE_NAME, readonly=True) if (results / STORE_NAME).is_file() else None
+    print(format_plan(explain(cells, store)), end="")
     return 0
 
 
@@ -125,10 +173,14 @@ def cmd_report(args: argparse.Namespace) -> int:
         results, run_id = (Path(args.results).resolve() if args.results else default_results_dir()), args.run
     if not (results / STORE_NAME).exists():
         raise StoreError(f"no results store at {results / STORE_NAME}; pass --results DIR or a run folder")
-    store = Store(results / STORE_NAME)
-    report = write_report(store, run_id, results / run_id, robust_thresholds=args.robust_thresholds)
+    store = Store(results / STORE_NAME, readonly=True)
+    out = results / run_id
+    if not os.access(out if out.exists() else results, os.W_OK):
+        out = Path(tempfile.mkdtemp(prefix=f"{run_id}-"))
+        print(f"{results / run_id} is not writable; tables go to {out}")
+    report = write_report(store, run_id, out, robust_thresholds=args.robust_thresholds)
     print(report["text"], end="")
-    print(f"tables written to {results / run_id}")
+    print(f"tables written to {out}")
     return 0
 
 
@@ -138,6 +190,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     results = Path(args.results).resolve() if args.results else default_results_dir()
     base, new = open_run(args.base, results), open_run(args.new, results)
+    for role, (store, run_id) in (("base", base), ("new", new)):
+        missing = store.missing_cells(run_id)
+        if missing:
+            names = "; ".join(f"{c.defense_label} x {c.attack_label}" + ("" if c.eps is None else f"@{c.eps:g}")
+                              for _, c in missing[:5])
+            raise StoreError(f"{role} run {run_id} is incomplete: {len(missing)} cell(s) missing ({names}"
+                             f"{'; ...' if len(missing) > 5 else ''}); finish it by re-running its profile, "
+                             "then compare")
     frame, notes = compare_runs(base, new, tolerance=args.tolerance, alpha=args.alpha, correction=args.correction,
                                 robust_thresholds=args.robust_thresholds)
     print(f"base {base[1]} ({base[0].path}) vs new {new[1]} ({new[0].path}); tolerance {args.tolerance:g}, "
@@ -154,6 +214,9 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
     results = Path(args.results).resolve() if args.results else default_results_dir()
     store, run_id = open_run(args.run, results)
+    if store.missing_cells(run_id):
+        raise StoreError(f"run {run_id} is incomplete ({len(store.missing_cells(run_id))} cell(s) missing); finish it "
+                         "by re-running its profile before exporting it as a baseline")
     out = Path(args.out) if args.out else results / "baselines" / store.run_info(run_id)["profile"]
     path = export_run(store, run_id, out / "baseline.json")
     with tempfile.TemporaryDirectory() as scratch:  # only the tables' text is kept next to the export
@@ -179,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--batch-size", type=int, help="examples per attack batch")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-cell lines")
+    run.add_argument("--dry-run", action="store_true", help="print which cells would be computed or reused, and "
+                     "why, without training or attacking anything")
+    run.add_argument("--checkpoint-every", type=float, metavar="SECONDS", help="save training state this often "
+                     "(default 300 s); a killed run resumes training from the last checkpoint")
     run.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 on a "
                      "machine shared with other jobs)")
     run.set_defaults(func=cmd_run)

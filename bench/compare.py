@@ -38,14 +38,14 @@ def open_run(spec: str, results: Path) -> tuple[Store, str]:
     if path.is_dir() and (path / BASELINE_NAME).exists() and not (path / STORE_NAME).exists():
         return load_export(path / BASELINE_NAME)
     if path.is_file() and path.suffix == ".sqlite":
-        store = Store(path)
+        store = Store(path, readonly=True)
     elif path.is_dir() and (path / STORE_NAME).exists():
-        store = Store(path / STORE_NAME)
+        store = Store(path / STORE_NAME, readonly=True)
     elif (path.is_dir() or len(path.parts) > 1) and (path.resolve().parent / STORE_NAME).exists():
-        store = Store(path.resolve().parent / STORE_NAME)
+        store = Store(path.resolve().parent / STORE_NAME, readonly=True)
         return store, path.resolve().name
     elif (results / STORE_NAME).exists():
-        store = Store(results / STORE_NAME)
+        store = Store(results / STORE_NAME, readonly=True)
         store.run_info(spec)  # raises listing the known runs when spec is not one of them
         return store, spec
     else:

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
+import secrets
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from bench.keys import RUNNER_ARGUMENTS, check_types, resolve_attack_params, resolve_defense_params
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
 from bench.types import Cell
 
@@ -17,6 +20,7 @@ DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
 ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params"}
 DEFAULT_L_ATTACK = {"l2": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5], "linf": [0.0, 0.05, 0.1, 0.2, 0.3]}
 DEFAULT_THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class ConfigError(ValueError):
@@ -33,11 +37,13 @@ class Profile:
     l_attack: dict[str, list[float]] = field(default_factory=lambda: dict(DEFAULT_L_ATTACK))
     thresholds: list[float] = field(default_factory=lambda: list(DEFAULT_THRESHOLDS))
     source: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    seed_source: str = "profile"  # "profile", "argument" or "os" (drawn from the OS entropy)
 
     def settings(self) -> dict[str, Any]:
         """Run-level settings as plain data (stored with the run)."""
         return {"name": self.name, "batch_size": self.batch_size, "l_attack": self.l_attack,
-                "thresholds": self.thresholds}
+                "thresholds": self.thresholds, "seed": self.seed, "seed_source": self.seed_source}
 
 
 def shipped_profiles() -> list[str]:
@@ -50,6 +56,8 @@ def read_profile_text(name_or_path: str) -> tuple[str, str]:
     """(profile name, TOML text) for a shipped profile name or a path to a TOML file."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"profile {path} is a directory; pass a .toml file or a shipped profile name")
         if not path.is_file():
             raise ConfigError(f"profile file {path} does not exist")
         return path.stem, path.read_text()
@@ -77,25 +85,32 @@ def _as_list(value: Any, where: str) -> list:
 
 
 def _check_attack_params(name: str, params: dict[str, Any], where: str) -> None:
-    """Reject hyperparameters the attack function does not accept (unless it takes **kwargs)."""
+    """Reject hyperparameters the attack does not accept (unless it takes **kwargs) or of the wrong type."""
     signature = inspect.signature(ATTACKS.get(name))
-    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
-        return
-    accepted = {n for n, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY} - {"threat", "generator"}
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise ConfigError(f"unknown parameter {unknown[0]!r} for attack {name!r} in {where}; "
-                          f"accepted: {', '.join(sorted(accepted))}")
+    if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+        accepted = {n for n, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY} - RUNNER_ARGUMENTS
+        unknown = sorted(set(params) - accepted)
+        if unknown:
+            raise ConfigError(f"unknown parameter {unknown[0]!r} for attack {name!r} in {where}; "
+                              f"accepted: {', '.join(sorted(accepted))}")
+    problems = check_types(params, resolve_attack_params(name, {}), f"attack {name!r} in {where}")
+    if problems:
+        raise ConfigError(problems[0])
 
 
-def _check_defense_params(name: str, dataset: str, params: dict[str, Any], where: str) -> None:
-    """Construct the defense once (cheap: no training) so that bad parameters fail before running."""
+def _resolved_defense_params(name: str, dataset: str, params: dict[str, Any], where: str) -> dict[str, Any]:
+    """Construct the defense once (cheap: no training) so that bad parameters fail before running, and
+    return its parameters with every default applied (what the cell key hashes)."""
     try:
-        DEFENSES.get(name)(DATASETS.get(dataset), **params)
+        resolved = resolve_defense_params(name, dataset, params)
     except UnknownNameError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad parameters for defense {name!r} in {where}: {exc}") from exc
+    problems = check_types(params, resolved, f"defense {name!r} in {where}")
+    if problems:
+        raise ConfigError(problems[0])
+    return resolved
 
 
 def _numbers(values: list, where: str) -> list[float]:
@@ -151,16 +166,122 @@ def _targets(against: Any, defense_entries: dict[str, dict], where: str) -> set[
     return labels
 
 
+def _positive_int(value: Any, where: str) -> int:
+    """An integer >= 1 (TOML integers only: "abc", 2.7 and true are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}")
+    return value
+
+
+def _run_name(value: Any, fallback: str) -> str:
+    """A run name is a plain folder name: it can never point outside the results folder."""
+    name = str(value if value is not None else fallback)
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"run name {name!r} must be a plain name of letters, digits and '-_.' "
+                          "(it names a folder inside --results)")
+    return name
+
+
+def os_seed() -> int:
+    """A fresh seed from the operating system's entropy (recorded with the run)."""
+    return secrets.randbits(31)
+
+
+def _defense_entries(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    entries = {}
+    for label, entry in _check_keys(raw.get("defenses", {}), set(raw.get("defenses", {})), "[defenses]").items():
+        entry = dict(_check_keys(entry, DEFENSE_KEYS, f"[defenses.{label}]"))
+        entry.setdefault("defense", label)
+        DEFENSES.get(entry["defense"])
+        entry["params"] = dict(_check_keys(entry.get("params", {}), set(entry.get("params", {})),
+                                           f"defenses.{label}.params"))
+        entry["dataset_params"] = _dataset_params(entry, f"defenses.{label}.dataset_params")
+        entries[label] = entry
+    if not entries:
+        raise ConfigError("the profile defines no [defenses.*] table; add at least one defense")
+    return entries
+
+
+def _attack_entries(raw: dict[str, Any], defense_entries: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    entries = {}
+    for label, entry in _check_keys(raw.get("attacks", {}), set(raw.get("attacks", {})), "[attacks]").items():
+        entry = dict(_check_keys(entry, ATTACK_KEYS, f"[attacks.{label}]"))
+        entry.setdefault("attack", label)
+        meta = ATTACKS.meta(entry["attack"])
+        entry["params"] = dict(_check_keys(entry.get("params", {}), set(entry.get("params", {})),
+                                           f"attacks.{label}.params"))
+        entry["dataset_params"] = _dataset_params(entry, f"attacks.{label}.dataset_params")
+        for params in [entry["params"]] + [entry["params"] | p for p in entry["dataset_params"].values()]:
+            _check_attack_params(entry["attack"], params, f"[attacks.{label}]")
+        if meta.get("minimum_norm"):
+            if "eps" in entry:
+                raise ConfigError(f"[attacks.{label}]: {entry['attack']} is a minimum-norm attack; drop 'eps' "
+                                  "(accuracy is reported at every run.l_attack value)")
+            entry["eps"] = [None]
+        elif "eps" not in entry:
+            raise ConfigError(f"[attacks.{label}] needs 'eps' (a number, a list, or a table dataset -> list)")
+        elif isinstance(entry["eps"], dict):
+            for d in entry["eps"]:
+                DATASETS.get(d)
+            entry["eps_by_dataset"] = {d: _numbers(_as_list(v, f"attacks.{label}.eps.{d}"),
+                                                   f"attacks.{label}.eps.{d}") for d, v in entry["eps"].items()}
+        else:
+            entry["eps"] = _numbers(_as_list(entry["eps"], f"attacks.{label}.eps"), f"attacks.{label}.eps")
+        entry["targets"] = _targets(entry.get("against"), defense_entries, f"attacks.{label}.against")
+        entries[label] = entry
+    return entries
+
+
+def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_entries: dict[str, dict], *,
+                 examples: int, seed: int, max_steps: int | None, max_draws: int | None) -> list[Cell]:
+    """Every (dataset, defense, attack, eps) cell, the clean cell first per defense, parameters resolved.
+
+    An attack entry that yields no cell at all (no eps, no matching defense or dataset) is an error,
+    never a silent drop.
+    """
+    cells: list[Cell] = []
+    produced = {label: 0 for label in attack_entries}
+    for dataset in datasets:
+        for d_label, d_entry in defense_entries.items():
+            if dataset not in _selected(d_entry, f"defenses.{d_label}", datasets):
+                continue
+            where = f"[defenses.{d_label}]"
+            given = d_entry["params"] | d_entry["dataset_params"].get(dataset, {})
+            d_params = cap_counts(_resolved_defense_params(d_entry["defense"], dataset, given, where), max_steps,
+                                  max_draws)
+            common = dict(dataset=dataset, defense=d_entry["defense"], defense_params=d_params,
+                          examples=examples, seed=seed, max_steps=max_steps, defense_label=d_label)
+            cells.append(Cell(attack="none", **common))
+            for a_label, a_entry in attack_entries.items():
+                if d_label not in a_entry["targets"] or dataset not in _selected(a_entry, f"attacks.{a_label}", datasets):
+                    continue
+                given = a_entry["params"] | a_entry["dataset_params"].get(dataset, {})
+                a_params = cap_counts(resolve_attack_params(a_entry["attack"], given), max_steps, max_draws)
+                by_dataset = a_entry.get("eps_by_dataset")
+                for eps in a_entry["eps"] if by_dataset is None else by_dataset.get(dataset, []):
+                    cells.append(Cell(attack=a_entry["attack"], norm=ATTACKS.meta(a_entry["attack"])["norm"], eps=eps,
+                                      attack_params=a_params, attack_label=a_label, **common))
+                    produced[a_label] += 1
+    empty = [label for label, count in produced.items() if count == 0]
+    if empty:
+        raise ConfigError(f"[attacks.{empty[0]}] yields no cell: check its 'eps' (empty?), 'against' (no defense "
+                          "of that kind?) and 'datasets'; remove the entry if it is not wanted")
+    return cells
+
+
 def parse_profile(text: str, name: str, *, examples: int | None = None, seed: int | None = None,
                   max_steps: int | None = None, max_draws: int | None = None) -> Profile:
     """Validate a profile's TOML text and expand it into cells (clean cell first per defense).
 
     `dataset_params` tables override an entry's `params` per dataset, an attack's `eps` may be a
     table {dataset: [eps, ...]}; `max_steps` and `max_draws` cap iteration and draw counts in every
-    entry's params (see `cap_counts`; the runner also caps training steps).
+    entry's params (see `cap_counts`; the runner also caps training steps). With no seed in the
+    profile or the arguments, the seed comes from the OS and is recorded in `Profile.seed_source`.
     """
     if max_draws is not None and max_draws < 1:
         raise ConfigError("--max-draws must be at least 1")
+    if max_steps is not None and max_steps < 0:
+        raise ConfigError("--max-steps must be at least 0")
     load_builtins()
     try:
         raw = tomllib.loads(text)
@@ -171,78 +292,23 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     datasets = [str(d) for d in _as_list(run.get("datasets", ["mnist5k"]), "run.datasets")]
     for d in datasets:
         DATASETS.get(d)
-    n_examples = int(examples if examples is not None else run.get("examples", 100))
-    run_seed = int(seed if seed is not None else run.get("seed", 0))
-    if n_examples < 1:
-        raise ConfigError("examples must be at least 1")
+    n_examples = _positive_int(examples if examples is not None else run.get("examples", 100),
+                               "examples" if examples is not None else "run.examples")
+    seed_source = "argument" if seed is not None else "profile" if "seed" in run else "os"
+    run_seed = seed if seed is not None else run["seed"] if "seed" in run else os_seed()
+    if isinstance(run_seed, bool) or not isinstance(run_seed, int) or run_seed < 0:
+        raise ConfigError(f"run.seed must be a whole number >= 0, got {run_seed!r}")
+    batch_size = _positive_int(run.get("batch_size", 100), "run.batch_size")
     l_attack = dict(DEFAULT_L_ATTACK)
     for norm, grid in _check_keys(run.get("l_attack", {}), {"l2", "linf"}, "run.l_attack").items():
         l_attack[norm] = _numbers(_as_list(grid, f"run.l_attack.{norm}"), f"run.l_attack.{norm}")
     thresholds = _numbers(_as_list(run.get("thresholds", DEFAULT_THRESHOLDS), "run.thresholds"), "run.thresholds")
-
-    defense_entries = {}
-    for label, entry in _check_keys(raw.get("defenses", {}), set(raw.get("defenses", {})), "[defenses]").items():
-        entry = dict(_check_keys(entry, DEFENSE_KEYS, f"[defenses.{label}]"))
-        entry.setdefault("defense", label)
-        DEFENSES.get(entry["defense"])
-        entry["params"] = dict(_check_keys(entry.get("params", {}), set(entry.get("params", {})),
-                                           f"defenses.{label}.params"))
-        entry["dataset_params"] = _dataset_params(entry, f"defenses.{label}.dataset_params")
-        defense_entries[label] = entry
-    if not defense_entries:
-        raise ConfigError("the profile defines no [defenses.*] table; add at least one defense")
-
-    attack_entries = {}
-    for label, entry in _check_keys(raw.get("attacks", {}), set(raw.get("attacks", {})), "[attacks]").items():
-        entry = dict(_check_keys(entry, ATTACK_KEYS, f"[attacks.{label}]"))
-        entry.setdefault("attack", label)
-        meta = ATTACKS.meta(entry["attack"])
-        entry["params"] = dict(entry.get("params", {}))
-        entry["dataset_params"] = _dataset_params(entry, f"attacks.{label}.dataset_params")
-        for params in [entry["params"]] + [entry["params"] | p for p in entry["dataset_params"].values()]:
-            _check_attack_params(entry["attack"], params, f"[attacks.{label}]")
-        if meta.get("minimum_norm"):
-            if "eps" in entry:
-                raise ConfigError(f"[attacks.{label}]: {entry['attack']} is a minimum-norm attack; drop 'eps' "
-                                  "(accuracy is reported at every run.l_attack value)")
-            entry["eps"] = [None]
-        else:
-            if "eps" not in entry:
-                raise ConfigError(f"[attacks.{label}] needs 'eps' (a number, a list, or a table dataset -> list)")
-            if isinstance(entry["eps"], dict):
-                for d in entry["eps"]:
-                    DATASETS.get(d)
-                entry["eps_by_dataset"] = {d: _numbers(_as_list(v, f"attacks.{label}.eps.{d}"),
-                                                       f"attacks.{label}.eps.{d}") for d, v in entry["eps"].items()}
-            else:
-                entry["eps"] = _numbers(_as_list(entry["eps"], f"attacks.{label}.eps"), f"attacks.{label}.eps")
-        entry["targets"] = _targets(entry.get("against"), defense_entries, f"attacks.{label}.against")
-        attack_entries[label] = entry
-
-    cells: list[Cell] = []
-    for dataset in datasets:
-        for d_label, d_entry in defense_entries.items():
-            if dataset not in _selected(d_entry, f"defenses.{d_label}", datasets):
-                continue
-            d_params = cap_counts(d_entry["params"] | d_entry["dataset_params"].get(dataset, {}), max_steps,
-                                  max_draws)
-            _check_defense_params(d_entry["defense"], dataset, d_params, f"[defenses.{d_label}]")
-            d_params = DEFENSES.get(d_entry["defense"]).resolve_params(d_params)
-            common = dict(dataset=dataset, defense=d_entry["defense"], defense_params=d_params,
-                          examples=n_examples, seed=run_seed, max_steps=max_steps, defense_label=d_label)
-            cells.append(Cell(attack="none", **common))
-            for a_label, a_entry in attack_entries.items():
-                if d_label not in a_entry["targets"] or dataset not in _selected(a_entry, f"attacks.{a_label}", datasets):
-                    continue
-                meta = ATTACKS.meta(a_entry["attack"])
-                a_params = cap_counts(a_entry["params"] | a_entry["dataset_params"].get(dataset, {}), max_steps,
-                                      max_draws)
-                by_dataset = a_entry.get("eps_by_dataset")
-                for eps in a_entry["eps"] if by_dataset is None else by_dataset.get(dataset, []):
-                    cells.append(Cell(attack=a_entry["attack"], norm=meta["norm"], eps=eps,
-                                      attack_params=a_params, attack_label=a_label, **common))
-    return Profile(name=str(run.get("name", name)), cells=cells, batch_size=int(run.get("batch_size", 100)),
-                   l_attack=l_attack, thresholds=thresholds, source=raw)
+    defense_entries = _defense_entries(raw)
+    attack_entries = _attack_entries(raw, defense_entries)
+    cells = expand_cells(datasets, defense_entries, attack_entries, examples=n_examples, seed=run_seed,
+                         max_steps=max_steps, max_draws=max_draws)
+    return Profile(name=_run_name(run.get("name"), name), cells=cells, batch_size=batch_size,
+                   l_attack=l_attack, thresholds=thresholds, source=raw, seed=run_seed, seed_source=seed_source)
 
 
 def load_profile(name_or_path: str, **overrides: Any) -> Profile:

@@ -52,6 +52,9 @@ class Defense:
         self.train_config = TrainConfig(**train)
         self.model: nn.Module | None = None
         self.generator: torch.Generator | None = None
+        # Set by the training loop to a generator seeded per step: a defense's own training draws
+        # (e.g. adversarial random starts) come from it, so training is reproducible and resumable.
+        self.step_generator: torch.Generator | None = None
 
     @classmethod
     def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:
@@ -68,6 +71,19 @@ class Defense:
 
     def after_step(self, model: nn.Module) -> None:
         """Hook run after every optimizer step (e.g. PixelDP's Parseval projection)."""
+
+    def train_state(self) -> dict[str, Any]:
+        """Training-time state of the defense itself (tensors and plain values) saved in checkpoints."""
+        return {}
+
+    def load_train_state(self, state: dict[str, Any]) -> None:
+        """Restore what `train_state` returned, when training resumes from a checkpoint."""
+
+    def reseed(self, seed: int) -> None:
+        """Restart the evaluation noise from `seed` (the runner does this per cell, so no cell's draws
+        depend on which cells ran before it in the process)."""
+        if self.generator is not None:
+            self.generator.manual_seed(seed)
 
     def attach(self, model: nn.Module, generator: torch.Generator | None = None) -> None:
         """Adopt a trained (or loaded) model for prediction; `generator` drives any noise."""

@@ -64,6 +64,7 @@ def write_report(store: Store, run_id: str, run_dir: Path, robust_thresholds=Non
     frames = run_frames(store, run_id, robust_thresholds)
     info, cells = frames["info"], frames["cells"]
     frame = frames["accuracy"]
+    run_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Any] = dict(write_accuracy_tables(frame, run_dir))
     text = "Accuracy under attack, % [95% Clopper-Pearson interval]\n" + to_text(accuracy_pivot(frame))
     tables = [("certified_accuracy", frames["certified"], certified_pivot(frames["certified"]), CERTIFIED_CAPTION),
@@ -84,7 +85,11 @@ def write_report(store: Store, run_id: str, run_dir: Path, robust_thresholds=Non
     paths["checks"] = run_dir / "checks.txt"
     paths["checks"].write_text("".join(f"WARNING: {w}\n" for w in warnings) or "all sanity checks passed\n")
     text += "".join(f"\nWARNING: {w}" for w in warnings) + ("\n" if warnings else "")
-    missing = sum(1 for _, records in cells if not records)
+    missing = store.missing_cells(run_id)
     if missing:
-        text += f"({missing} cell(s) of this run have not finished; re-run the same command to resume)\n"
+        # An incomplete run is marked at the top of the text and in checks.txt: its tables lack cells.
+        banner = (f"INCOMPLETE RUN: {len(missing)} of {len(cells)} cell(s) have no results (killed or failed run); "
+                  "re-run the same profile into the same results folder to finish it\n")
+        text = banner + text
+        paths["checks"].write_text(banner + paths["checks"].read_text())
     return {"text": text, "paths": paths, "frame": frame, "frames": frames}

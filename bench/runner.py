@@ -1,9 +1,8 @@
 """Runs cells: prepares (trains or loads) each defense once, attacks, judges, and stores records."""
 from __future__ import annotations
 
-import hashlib
-import inspect
 import math
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,20 +13,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import bench.archs
-import bench.defense
 import bench.models
 import bench.training
-from bench import __version__
-from bench.cache import ModelCache, code_fingerprint
+from bench.cache import ModelCache
 from bench.checks import probe_gradients
 from bench.data import data_root as resolve_data_root
 from bench.data import gather, load_split, select_examples
 from bench.defense import Defense
 from bench.overhead import DRAWS, measure_prediction
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
-from bench.store import Store
-from bench.types import Cell, Record
+from bench.registry import ATTACKS, DATASETS, DEFENSES
+from bench.keys import cell_code, keyed, model_code, params_digest
+from bench.store import ClaimOwner, Store
+from bench.training import CHECKPOINT_SECONDS
+from bench.types import Cell, Record, derive_seed
+
+__all__ = ["RunOptions", "Runner", "execute", "keyed", "cell_seed", "AttackContractError", "IncompleteCellError"]
 
 
 class AttackContractError(RuntimeError):
@@ -46,11 +46,21 @@ class RunOptions:
     progress: bool = True
     log: Callable[[str], None] = print
     max_draws: int | None = None  # --max-draws: also caps the draw counts of the overhead timings
+    checkpoint_seconds: float = CHECKPOINT_SECONDS  # training state is saved this often
+    poll_seconds: float = 2.0  # how often a process waiting on another's cell or model looks again
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
 
 
 def cell_seed(key: str) -> int:
     """A 63-bit seed derived from a cell key: every cell draws its own reproducible randomness."""
-    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+    return derive_seed(key)
+
+
+class IncompleteCellError(RuntimeError):
+    """A cell produced fewer records than it has examples; it is not stored."""
 
 
 @contextmanager
@@ -70,12 +80,18 @@ def count_forward_passes(model: nn.Module) -> Iterator[list[int]]:
 
 
 class Runner:
-    """Executes cells in order, reusing trained defenses and test data across cells."""
+    """Executes cells, reusing trained defenses and test data across cells.
 
-    def __init__(self, store: Store, options: RunOptions):
+    Models are trained once per model-cache key, even across processes: the trainer claims the
+    key in the store, others wait for its file. Training checkpoints every
+    `options.checkpoint_seconds`, so a killed run resumes its training where it stopped.
+    """
+
+    def __init__(self, store: Store, options: RunOptions, owner: ClaimOwner | None = None):
         self.store = store
         self.options = options
-        self.cache = ModelCache(options.results_dir / "models")
+        self.owner = owner or ClaimOwner.this_process()
+        self.cache = ModelCache(options.results_dir / "models", log=options.log)
         self._defenses: dict[str, tuple[Defense, dict[str, Any]]] = {}
         self._test_sets: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -95,9 +111,8 @@ class Runner:
         memo = repr(sorted(config.items()))
         if memo in self._defenses:
             return self._defenses[memo]
-        spec = DATASETS.get(cell.dataset)
         cls = DEFENSES.get(cell.defense)
-        defense = cls(spec, **cell.defense_params)
+        defense = cls(DATASETS.get(cell.dataset), **cell.defense_params)
         device = self.options.device
         with torch.random.fork_rng(devices=[]):
             # Seeded initialisation: the same cell gives the same weights whatever ran before in this process.
@@ -106,10 +121,7 @@ class Runner:
         # Parameters a defense declares evaluation-only (e.g. draw counts) do not change the weights.
         eval_only = getattr(cls, "eval_params", frozenset())
         trained = dict(config, defense_params={k: v for k, v in cell.defense_params.items() if k not in eval_only})
-        # The architecture's own file counts too: editing a model invalidates its cached weights.
-        sources = [MODELS.get(defense.arch)] if defense.arch in MODELS else []
-        path = self.cache.path(trained, code_fingerprint(cls, *sources, bench.models, bench.archs, bench.training,
-                                                         bench.defense))
+        path = self.cache.path(trained, model_code(cell.defense, cell.defense_params))
         steps = defense.train_config.steps
         if cell.max_steps is not None:
             steps = min(steps, cell.max_steps)
@@ -117,47 +129,65 @@ class Runner:
                                 "parameters": bench.models.count_parameters(model)}
         if steps == 0:
             info["loaded_from_cache"] = False  # nothing to train: the model is used as built (e.g. pretrained)
-        elif self.cache.load(model, path):
-            info["loaded_from_cache"] = True
-            stored = self.cache.metadata(path)
-            info.update({k: v for k, v in stored.items() if k.startswith("train_")})
         else:
-            self.options.log(f"training {cell.defense_label} on {cell.dataset} ({steps} steps, {device})")
-            train = load_split(cell.dataset, "train", resolve_data_root(self.options.data_root), self.options.download)
-            start = time.perf_counter()
-            losses = bench.training.fit(defense, model, train, steps=steps, seed=cell.seed, device=device,
-                                        progress=self.options.progress)
-            seconds = time.perf_counter() - start
-            info.update({"loaded_from_cache": False, "train_seconds": seconds,
-                         "train_seconds_per_step": seconds / max(steps, 1),
-                         "train_final_loss": losses[-1] if losses else None})
-            self.cache.save(model, path, config, {k: v for k, v in info.items() if k.startswith("train_")})
-        generator = torch.Generator(device=device).manual_seed(cell_seed(path.name))
-        defense.attach(model, generator)
+            info.update(self._trained(cell, defense, model, path, steps, trained))
+        defense.attach(model, torch.Generator(device=device).manual_seed(cell_seed(path.name)))
         self._defenses[memo] = (defense, info)
         return defense, info
 
-    def _attack_kwargs(self, cell: Cell, attack: Callable) -> dict[str, Any]:
-        """The cell's hyperparameters with `steps` capped by --max-steps."""
-        kwargs = dict(cell.attack_params)
-        if cell.max_steps is not None:
-            parameters = inspect.signature(attack).parameters
-            default = parameters["steps"].default if "steps" in parameters else None
-            current = kwargs.get("steps", default)
-            if isinstance(current, int):
-                kwargs["steps"] = min(current, cell.max_steps)
-        return kwargs
+    def _trained(self, cell: Cell, defense: Defense, model: nn.Module, path: Path, steps: int,
+                 config: dict[str, Any]) -> dict[str, Any]:
+        """Load the model from the cache, or train it (claiming it so that no other process trains it too)."""
+        claim = "model:" + path.name
+        announced = False
+        while True:
+            if self.cache.load(model, path):
+                stored = self.cache.metadata(path)
+                return {"loaded_from_cache": True} | {k: v for k, v in stored.items() if k.startswith("train_")}
+            state = self.store.claim(claim, self.owner)
+            if state == "mine":
+                break
+            if not announced:
+                self.options.log(f"waiting for {self.store.claim_holder(claim)} to train {cell.defense_label} on "
+                                 f"{cell.dataset}; its model will be reused")
+                announced = True
+            time.sleep(self.options.poll_seconds)
+        try:
+            if self.cache.load(model, path):  # trained while we were claiming it
+                stored = self.cache.metadata(path)
+                return {"loaded_from_cache": True} | {k: v for k, v in stored.items() if k.startswith("train_")}
+            resume = self.cache.load_checkpoint(path)
+            start = 0 if resume is None else int(resume["step"])
+            self.options.log(f"training {cell.defense_label} on {cell.dataset} ({steps} steps, {self.options.device})"
+                             + (f", resuming at step {start}" if start else ""))
+            train = load_split(cell.dataset, "train", resolve_data_root(self.options.data_root), self.options.download)
+            began = time.perf_counter()
+            losses = bench.training.fit(defense, model, train, steps=steps, seed=cell.seed, device=self.options.device,
+                                        progress=self.options.progress, resume=resume,
+                                        checkpoint=lambda state: self.cache.save_checkpoint(path, state),
+                                        checkpoint_seconds=self.options.checkpoint_seconds)
+            seconds = time.perf_counter() - began
+            stats = {"train_seconds": seconds, "train_seconds_per_step": seconds / max(steps - start, 1),
+                     "train_final_loss": losses[-1] if losses else None, "train_resumed_at": start}
+            self.cache.save(model, path, config, stats)
+            self.cache.drop_checkpoint(path)
+            return {"loaded_from_cache": False} | stats
+        finally:
+            self.store.release(claim, self.owner)
 
     def run_cell(self, cell: Cell, key: str) -> tuple[list[Record], dict[str, Any]]:
         """Attack (or certify) the cell's test examples batch by batch; returns records and info."""
         defense, defense_info = self.defense(cell)
         indices, x_all, y_all = self.test_examples(cell)
         device = self.options.device
+        # Every random draw of the cell (attack starts, the defense's noise) is seeded by its key,
+        # so its records never depend on which cells ran before it or where it runs.
         generator = torch.Generator(device=device).manual_seed(cell_seed(key))
+        defense.reseed(derive_seed(key, "defense"))
         threat = cell.threat()
         attack = None if cell.attack == "none" else ATTACKS.get(cell.attack)
         meta = {} if attack is None else ATTACKS.meta(cell.attack)
-        kwargs = {} if attack is None else self._attack_kwargs(cell, attack)
+        kwargs = dict(cell.attack_params)
         records: list[Record] = []
         batch = self.options.batch_size
         bar = tqdm(range(0, len(indices), batch), desc=f"{cell.defense_label} x {cell.attack_label}"
@@ -189,6 +219,9 @@ class Runner:
                     adv_pred=int(adv_pred[i]), norm=float(norms[i]),
                     radius=None if radius is None else float(radius[i]), seconds=seconds,
                     forward_passes=per_example))
+        if len(records) != len(indices):
+            raise IncompleteCellError(f"cell {cell.defense_label} x {cell.attack_label} produced {len(records)} "
+                                      f"records for {len(indices)} examples; it was not stored")
         info = {"defense": defense_info, "device": str(device), "attack_kwargs": kwargs,
                 "randomized": bool(getattr(defense, "randomized", False)), "eot": bool(meta.get("eot", False)),
                 "minimum_norm": bool(meta.get("minimum_norm", False))}
@@ -227,21 +260,76 @@ class Runner:
 
 
 def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions) -> dict[str, int]:
-    """Run every cell not yet in the store (one transaction each); returns counts of run/skipped cells."""
+    """Run every cell not yet in the store (one transaction each); returns counts of computed / reused cells.
+
+    Cells are claimed before they are computed: a cell another live process is computing is
+    skipped for now and reused once it is stored, so concurrent runs into one folder compute
+    every cell once. A dead process's claims are taken over.
+    """
     runner = Runner(store, options)
-    done = skipped = 0
-    for position, (key, cell) in enumerate(cells, 1):
-        if store.is_done(key):
-            skipped += 1
-            continue
-        label = f"[{position}/{len(cells)}] {cell.dataset} / {cell.defense_label} / {cell.attack_label}"
-        options.log(label + ("" if cell.eps is None else f" eps={cell.eps:g}"))
+    counts = {"run": 0, "skipped": 0, "waited": 0}
+    pending = list(enumerate(cells, 1))
+    announced: set[str] = set()
+    with _heartbeat(store.path, runner.owner):
+        while pending:
+            later = []
+            for position, (key, cell) in pending:
+                state = store.claim("cell:" + key, runner.owner)
+                if state == "done":
+                    counts["waited" if key in announced else "skipped"] += 1
+                elif state == "busy":
+                    if key not in announced:
+                        options.log(f"[{position}/{len(cells)}] {_describe(cell)}: being computed by "
+                                    f"{store.claim_holder('cell:' + key)}; will reuse its result")
+                        announced.add(key)
+                    later.append((position, (key, cell)))
+                else:
+                    _compute(runner, store, position, len(cells), key, cell)
+                    counts["run"] += 1
+            if later:
+                time.sleep(options.poll_seconds)
+            pending = later
+    counts["skipped"] += counts.pop("waited")
+    return counts
+
+
+def _describe(cell: Cell) -> str:
+    return f"{cell.dataset} / {cell.defense_label} / {cell.attack_label}" + (
+        "" if cell.eps is None else f" eps={cell.eps:g}")
+
+
+def _compute(runner: Runner, store: Store, position: int, total: int, key: str, cell: Cell) -> None:
+    """Compute one claimed cell and store it; the claim is released whatever happens."""
+    runner.options.log(f"[{position}/{total}] {_describe(cell)}")
+    try:
         records, info = runner.run_cell(cell, key)
-        store.write_cell(key, cell, records, info)
-        done += 1
-    return {"run": done, "skipped": skipped}
+        info["provenance"] = {"params": params_digest(cell), "code": cell_code(cell)}
+        store.write_cell(key, cell, records, info, runner.owner)
+    except BaseException:
+        store.release("cell:" + key, runner.owner)
+        raise
 
 
-def keyed(cells: list[Cell]) -> list[tuple[str, Cell]]:
-    """Pair each cell with its key (config hash + package version)."""
-    return [(cell.key(__version__), cell) for cell in cells]
+@contextmanager
+def _heartbeat(path: Path, owner: ClaimOwner, every: float = 60.0) -> Iterator[None]:
+    """Refresh this process's claims in the background (owners on other hosts are judged by it)."""
+    if str(path) == ":memory:":
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        store = Store(path)
+        try:
+            while not stop.wait(every):
+                store.heartbeat(owner)
+        finally:
+            store.close()
+
+    thread = threading.Thread(target=beat, name="claim-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

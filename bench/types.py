@@ -65,6 +65,11 @@ class ThreatModel:
         return in_ball & in_box
 
 
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed derived from any JSON-able parts (e.g. a run seed and a step, or a cell key)."""
+    return int(hashlib.sha256(canonical_json(list(parts)).encode()).hexdigest()[:15], 16)
+
+
 def canonical_json(value: Any) -> str:
     """Stable JSON text (sorted keys, no spaces) used for hashing configurations."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
@@ -117,11 +122,6 @@ class Cell:
     def config(self) -> dict[str, Any]:
         """The full configuration as plain data."""
         return asdict(self)
-
-    def key(self, version: str) -> str:
-        """SHA-256 of the full configuration plus the package version (hex, 20 chars)."""
-        payload = canonical_json({"cell": self.config(), "version": version})
-        return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
 @dataclass(frozen=True)

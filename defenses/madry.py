@@ -44,7 +44,7 @@ class Madry(Defense):
         check_every: optimizer steps between robustness checks (0 disables them).
         check_examples: size of the monitor batch (the first training examples seen).
         overfit_drop: PGD-accuracy drop (absolute) that flags catastrophic overfitting.
-        attack_seed: seeds the random starts of the training attack.
+        attack_seed: seeds the robustness checks (training draws come from the loop's per-step generator).
         **train: TrainConfig fields and arch / arch_params.
     """
 
@@ -73,6 +73,8 @@ class Madry(Defense):
         self._step = 0
 
     def _generator(self, device: torch.device) -> torch.Generator:
+        if self.step_generator is not None and self.step_generator.device == device:
+            return self.step_generator  # the training loop's per-step generator (reproducible, resumable)
         if self._train_generator is None or self._train_generator.device != device:
             self._train_generator = torch.Generator(device=device).manual_seed(self.attack_seed)
         return self._train_generator
@@ -106,6 +108,19 @@ class Madry(Defense):
             accuracy = (model(x_adv).argmax(1) == y).float().mean().item()
         model.train(was_training)
         return accuracy
+
+    def train_state(self) -> dict:
+        """The robustness-check history and monitor batch, so a resumed training checks the same batch."""
+        state: dict = {"history": [list(h) for h in self.history], "overfit_steps": list(self.overfit_steps)}
+        if self._monitor is not None:
+            state["monitor_x"], state["monitor_y"] = self._monitor
+        return state
+
+    def load_train_state(self, state: dict) -> None:
+        self.history = [(int(s), float(a)) for s, a in state.get("history", [])]
+        self.overfit_steps = [int(s) for s in state.get("overfit_steps", [])]
+        if "monitor_x" in state:
+            self._monitor = (state["monitor_x"], state["monitor_y"])
 
     def after_step(self, model: nn.Module) -> None:
         """Every `check_every` steps, measure PGD accuracy on the monitor batch; flag collapses."""

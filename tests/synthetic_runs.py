@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import random
 
+from bench.keys import cell_key
 from bench.store import Store
 from bench.types import Cell, Record
 
@@ -72,7 +73,7 @@ def cells_and_records() -> list[tuple[Cell, list[Record]]]:
 def fill_store(store: Store, run_id: str = "synthetic-run") -> str:
     """Write the synthetic run into a store (run, cells, records, infos); returns the run id."""
     run = synthetic_run()
-    keyed = [(cell.key("0.1.0"), cell) for cell, _, _ in run]
+    keyed = [(cell_key(cell, {}), cell) for cell, _, _ in run]
     store.start_run(run_id, "synthetic", SETTINGS, ENVIRONMENT, keyed)
     for (key, cell), (_, records, info) in zip(keyed, run):
         store.write_cell(key, cell, records, info)

@@ -13,6 +13,7 @@ from bench.store import Store
 TINY = """
 [run]
 examples = 20
+seed = 0
 batch_size = 10
 [defenses.plain]
 defense = "undefended"

@@ -26,7 +26,10 @@ def test_shipped_smoke_profile_parses():
 def test_cells_expand_defense_by_attack_by_eps():
     profile = parse_profile(BASE, "t")
     assert [(c.attack, c.eps) for c in profile.cells] == [("none", None), ("pgd_linf", 0.1), ("pgd_linf", 0.2)]
-    assert profile.cells[1].attack_params == {"steps": 3} and profile.cells[0].examples == 10
+    # Resolved: the attack's signature defaults are part of the cell (and so of its key).
+    assert profile.cells[1].attack_params == {"steps": 3, "step_size": None, "restarts": 1, "random_start": True,
+                                              "loss": "ce"}
+    assert profile.cells[0].examples == 10
 
 
 def test_overrides_change_cells():

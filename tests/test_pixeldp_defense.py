@@ -93,6 +93,7 @@ def test_runner_trains_caches_and_certifies(tmp_path):
     [run]
     datasets = ["mnist5k"]
     examples = 10
+    seed = 0
     batch_size = 5
     [defenses.pdp]
     defense = "pixeldp"

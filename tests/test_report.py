@@ -8,6 +8,7 @@ import pytest
 
 from bench.cli import build_parser, main
 from bench.report import run_frames, write_report
+from bench.keys import cell_key
 from bench.store import Store
 from synthetic_runs import SETTINGS, fill_store, synthetic_run
 
@@ -64,9 +65,10 @@ def test_report_thresholds_are_configurable(tmp_path):
 def test_unfinished_cells_are_reported(tmp_path):
     store = Store(tmp_path / "store.sqlite")
     run = synthetic_run()
-    keyed = [(cell.key("0.1.0"), cell) for cell, _, _ in run]
+    keyed = [(cell_key(cell, {}), cell) for cell, _, _ in run]
     store.start_run("partial", "synthetic", SETTINGS, {"device_name": "x"}, keyed)
     for (key, cell), (_, records, info) in list(zip(keyed, run))[:5]:
         store.write_cell(key, cell, records, info)
     report = write_report(store, "partial", tmp_path / "partial")
-    assert f"({len(run) - 5} cell(s) of this run have not finished" in report["text"]
+    assert report["text"].startswith(f"INCOMPLETE RUN: {len(run) - 5} of {len(run)} cell(s) have no results")
+    assert (tmp_path / "partial" / "checks.txt").read_text().startswith("INCOMPLETE RUN")

@@ -11,6 +11,7 @@ import pytest
 PROFILE = """
 [run]
 examples = 30
+seed = 0
 batch_size = 10
 [defenses.plain]
 defense = "undefended"

@@ -6,6 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.keys import cell_key
 from bench.types import Cell, ThreatModel
 
 
@@ -45,7 +46,9 @@ def test_bad_threat_models():
 def test_cell_key_is_stable_and_sensitive():
     a = Cell("mnist5k", "undefended", "pgd_l2", "l2", 0.5, attack_params={"steps": 10})
     b = Cell("mnist5k", "undefended", "pgd_l2", "l2", 0.5, attack_params={"steps": 10})
-    assert a.key("0.1.0") == b.key("0.1.0")
-    assert a.key("0.1.0") != Cell("mnist5k", "undefended", "pgd_l2", "l2", 0.5, attack_params={"steps": 11}).key("0.1.0")
-    assert a.key("0.1.0") != a.key("0.2.0")
+    code = {"attack": "a1", "defense": "d1", "harness": "h1"}
+    assert cell_key(a, code) == cell_key(b, code)
+    assert cell_key(a, code) != cell_key(Cell("mnist5k", "undefended", "pgd_l2", "l2", 0.5, attack_params={"steps": 11}),
+                                         code)
+    assert cell_key(a, code) != cell_key(a, code | {"attack": "a2"})
     assert a.defense_label == "undefended" and a.attack_label == "pgd_l2"

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from bench.cli import main
+from bench.keys import cell_key
 from bench.config import ConfigError, parse_profile
 from bench.data import gather, load_split, select_examples
 
@@ -39,6 +40,7 @@ def profile_text(weights: str) -> str:
     return f'''
 [run]
 examples = 30
+seed = 0
 [defenses.mine]
 defense = "user_model"
 params = {{ factory = "my_models:build", weights = "{weights}", factory_kwargs = {{ hidden = 16 }} }}
@@ -73,7 +75,7 @@ def test_weights_hash_is_part_of_the_cell(user_package, tmp_path):
     save_file({k: (2 * v).contiguous() for k, v in model.state_dict().items()}, str(weights))
     second = parse_profile(profile_text(str(weights)), "u").cells[0]
     assert first.defense_params["weights_sha256"] != second.defense_params["weights_sha256"]
-    assert first.key("v") != second.key("v")
+    assert cell_key(first, {}) != cell_key(second, {})
 
 
 @pytest.mark.parametrize("params, message", [

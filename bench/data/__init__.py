@@ -83,7 +83,10 @@ def select_examples(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
     order, so every defense and attack sees exactly the same examples.
     """
     labels = dataset_labels(dataset)
-    if n >= len(labels):
+    if n > len(labels):
+        raise DatasetError(f"{n} examples were asked for but the split has only {len(labels)}; set examples "
+                           f"(or --examples) to at most {len(labels)}")
+    if n == len(labels):
         return torch.arange(len(labels))
     generator = torch.Generator().manual_seed(seed)
     classes = torch.unique(labels)
