@@ -29,6 +29,10 @@ __all__ = ["code_fingerprint", "source_files", "file_digest"]
 _LIBRARY_ROOTS = tuple({str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("stdlib", "purelib", "platlib")})
 
 
+# Bookkeeping about cells (keys, fingerprints, dry-run explanations) does not compute any record.
+NOT_CELL_CODE = frozenset({"bench.fingerprint", "bench.keys", "bench.dryrun"})
+
+
 def _is_tracked(path: Path) -> bool:
     resolved = str(path.resolve())
     return not any(resolved.startswith(root + "/") for root in _LIBRARY_ROOTS)
@@ -97,7 +101,7 @@ def source_files(*objects: Any) -> set[Path]:
     stack = list(objects)
     while stack:
         obj = stack.pop()
-        if id(obj) in seen or not _is_code(obj):
+        if id(obj) in seen or not _is_code(obj) or _module_name(obj) in NOT_CELL_CODE:
             continue
         seen.add(id(obj))
         if hasattr(obj, "__wrapped__"):  # a decorated function (e.g. torch.no_grad): follow the original
@@ -110,6 +114,13 @@ def source_files(*objects: Any) -> set[Path]:
             files.add(path.resolve())
         stack.extend(_references(obj))
     return files
+
+
+def _module_name(obj: Any) -> str | None:
+    if inspect.ismodule(obj):
+        return obj.__name__
+    target = getattr(obj, "__func__", obj)
+    return getattr(target, "__module__", None)
 
 
 def _is_code(obj: Any) -> bool:

@@ -219,9 +219,6 @@ class Runner:
                     adv_pred=int(adv_pred[i]), norm=float(norms[i]),
                     radius=None if radius is None else float(radius[i]), seconds=seconds,
                     forward_passes=per_example))
-        if len(records) != len(indices):
-            raise IncompleteCellError(f"cell {cell.defense_label} x {cell.attack_label} produced {len(records)} "
-                                      f"records for {len(indices)} examples; it was not stored")
         info = {"defense": defense_info, "device": str(device), "attack_kwargs": kwargs,
                 "randomized": bool(getattr(defense, "randomized", False)), "eot": bool(meta.get("eot", False)),
                 "minimum_norm": bool(meta.get("minimum_norm", False))}
@@ -303,6 +300,9 @@ def _compute(runner: Runner, store: Store, position: int, total: int, key: str, 
     runner.options.log(f"[{position}/{total}] {_describe(cell)}")
     try:
         records, info = runner.run_cell(cell, key)
+        if len(records) != cell.examples or len({r.index for r in records}) != len(records):
+            raise IncompleteCellError(f"cell {_describe(cell)} produced {len(records)} records for {cell.examples} "
+                                      "examples; it was not stored (nothing else was lost: re-run to retry it)")
         info["provenance"] = {"params": params_digest(cell), "code": cell_code(cell)}
         store.write_cell(key, cell, records, info, runner.owner)
     except BaseException:

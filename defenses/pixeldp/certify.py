@@ -29,10 +29,13 @@ def largest_eps(p_lb, p_ub, delta, eps_max: float = 1.0) -> np.ndarray:
     root of that quadratic. Arrays broadcast.
     """
     p_lb, p_ub, delta = (np.asarray(v, dtype=np.float64) for v in (p_lb, p_ub, delta))
-    a = np.maximum(p_ub, 1e-300)
-    disc = np.maximum(delta ** 2 - 4 * a * (delta - p_lb), 0.0)
-    with np.errstate(over="ignore"):
-        root = (-delta + np.sqrt(disc)) / (2 * a)
+    a = np.maximum(p_ub, 0.0)
+    gap = p_lb - delta  # minus the constant term
+    disc = np.maximum(delta ** 2 + 4 * a * gap, 0.0)
+    # The positive root written as 2 gap / (delta + sqrt(disc)): the textbook (-delta + sqrt(disc)) / 2a
+    # cancels catastrophically when p_ub is tiny (it gave radius 0 at p_lb = 1, p_ub = 0).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        root = np.where(gap > 0, 2 * gap / (delta + np.sqrt(disc)), 0.0)
     eps = np.log(np.maximum(root, 1.0))
     return np.minimum(eps, eps_max)
 
