@@ -93,8 +93,9 @@ class ModelCache:
                                                    "stats": json.dumps(stats, sort_keys=True),
                                                    "sha256": tensors_sha256(tensors)})
             tmp.replace(path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
+        except (OSError, SafetensorError) as exc:
+            if tmp.is_file():
+                tmp.unlink()
             raise CacheError(f"cannot save the trained model to {path} ({exc}); free disk space and re-run the "
                              "same command (finished cells are kept)") from exc
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from bench.config import ConfigError, load_profile, shipped_profiles
-from bench.data import REPO_ROOT, DatasetError
+from bench.data import REPO_ROOT, DatasetError, load_split, select_examples
+from bench.data import data_root as resolve_data_root
 from bench.environment import environment
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
 from bench.report import write_report
@@ -95,6 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(args, cells)
     results = results_folder(args, write=True)
+    check_test_splits(profile.cells, args.data_root, args.download)
     if args.max_steps == 0:
         print("pixeldp-bench: warning: --max-steps 0 trains nothing: every model is evaluated untrained",
               file=sys.stderr)
@@ -124,6 +126,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"tables written to {run_dir}")
     store.close()
     return 0
+
+
+def check_test_splits(cells, data_root, download: bool) -> None:
+    """Every dataset's test split loads and holds the examples asked for: checked before any folder is made."""
+    for dataset, examples, seed in sorted({(c.dataset, c.examples, c.seed) for c in cells}):
+        test = load_split(dataset, "test", resolve_data_root(data_root), download)
+        try:
+            select_examples(test, examples, seed)
+        except DatasetError as exc:
+            raise DatasetError(f"{dataset}: {exc}") from exc
 
 
 def dry_run(args: argparse.Namespace, cells) -> int:

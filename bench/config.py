@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bench.keys import RUNNER_ARGUMENTS, check_types, resolve_attack_params, resolve_defense_params
+from bench.keys import RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_attack_params, resolve_defense_params
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
 from bench.types import Cell
 
@@ -101,16 +101,15 @@ def _check_attack_params(name: str, params: dict[str, Any], where: str) -> None:
 def _resolved_defense_params(name: str, dataset: str, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Construct the defense once (cheap: no training) so that bad parameters fail before running, and
     return its parameters with every default applied (what the cell key hashes)."""
+    problems = check_types(params, defense_defaults(name), f"defense {name!r} in {where}")
+    if problems:
+        raise ConfigError(problems[0])
     try:
-        resolved = resolve_defense_params(name, dataset, params)
+        return resolve_defense_params(name, dataset, params)
     except UnknownNameError:
         raise
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"bad parameters for defense {name!r} in {where}: {exc}") from exc
-    problems = check_types(params, resolved, f"defense {name!r} in {where}")
-    if problems:
-        raise ConfigError(problems[0])
-    return resolved
 
 
 def _numbers(values: list, where: str) -> list[float]:

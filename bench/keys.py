@@ -17,7 +17,7 @@ from bench.fingerprint import code_fingerprint
 from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from bench.types import Cell, canonical_json
 
-__all__ = ["resolve_attack_params", "resolve_defense_params", "check_types", "cell_code", "cell_key", "keyed",
+__all__ = ["resolve_attack_params", "resolve_defense_params", "defense_defaults", "check_types", "cell_code", "cell_key", "keyed",
            "model_code", "slot", "params_digest"]
 
 # Arguments the runner passes itself; they are not hyperparameters.
@@ -43,16 +43,25 @@ def resolve_defense_params(defense: str, dataset: str, params: dict[str, Any]) -
     defenses may choose them in code (e.g. the convex defense's own architecture and batch size).
     """
     cls = DEFENSES.get(defense)
-    defaults: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass) and klass is not object:
-            defaults |= {k: v for k, v in _keyword_defaults(klass.__init__).items() if k != "spec"}
+    defaults = defense_defaults(defense)
     instance = cls(DATASETS.get(dataset), **params)
     resolved = defaults | cls.resolve_params(dict(params))
     resolved |= {"arch": instance.arch, "arch_params": dict(instance.arch_params)}
     resolved |= {f.name: _plain(getattr(instance.train_config, f.name))
                  for f in dataclasses.fields(instance.train_config)}
     return resolved
+
+
+def defense_defaults(defense: str) -> dict[str, Any]:
+    """Keyword defaults of the defense's constructor, its bases' and TrainConfig's (most derived wins)."""
+    from bench.defense import TrainConfig  # late: bench.defense imports the model registry
+
+    cls = DEFENSES.get(defense)
+    defaults: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and klass is not object:
+            defaults |= {k: v for k, v in _keyword_defaults(klass.__init__).items() if k != "spec"}
+    return defaults
 
 
 def _plain(value: Any) -> Any:
