@@ -13,6 +13,7 @@ import torch
 from bench.config import ConfigError, load_profile, shipped_profiles
 from bench.data import REPO_ROOT, DatasetError
 from bench.environment import environment
+from bench.preflight import check_inputs
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
 from bench.report import write_report
 from bench.runner import AttackContractError, RunOptions, execute, keyed
@@ -55,6 +56,7 @@ def new_run_id(results: Path, profile: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
                            max_draws=args.max_draws)
+    profile = check_inputs(profile, args)  # weights, factories and data splits, before anything is written
     if args.batch_size:
         profile.batch_size = args.batch_size
     results = Path(args.results).resolve() if args.results else default_results_dir()
