@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from bench.config import ConfigError, load_profile, shipped_profiles
-from bench.data import REPO_ROOT, DatasetError, load_split, select_examples
-from bench.data import data_root as resolve_data_root
+from bench.data import REPO_ROOT, DatasetError
 from bench.environment import environment
+from bench.preflight import check_inputs
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
 from bench.report import write_report
 from bench.cache import CacheError
@@ -83,6 +83,8 @@ def new_run_folder(results: Path, profile: str) -> tuple[str, Path]:
 def cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
                            max_draws=args.max_draws)
+    # Weights, factories and data splits (and the examples they hold), before anything is written.
+    profile = check_inputs(profile, args)
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -96,7 +98,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(args, cells)
     results = results_folder(args, write=True)
-    check_test_splits(profile.cells, args.data_root, args.download)
     if args.max_steps == 0:
         print("pixeldp-bench: warning: --max-steps 0 trains nothing: every model is evaluated untrained",
               file=sys.stderr)
@@ -126,16 +127,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"tables written to {run_dir}")
     store.close()
     return 0
-
-
-def check_test_splits(cells, data_root, download: bool) -> None:
-    """Every dataset's test split loads and holds the examples asked for: checked before any folder is made."""
-    for dataset, examples, seed in sorted({(c.dataset, c.examples, c.seed) for c in cells}):
-        test = load_split(dataset, "test", resolve_data_root(data_root), download)
-        try:
-            select_examples(test, examples, seed)
-        except DatasetError as exc:
-            raise DatasetError(f"{dataset}: {exc}") from exc
 
 
 def dry_run(args: argparse.Namespace, cells) -> int:

@@ -1,7 +1,9 @@
 """Base class of every defense: owns a model, its training recipe, and `predict` (and `certify`)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +12,8 @@ from torch import nn
 
 from bench.data import DatasetSpec
 from bench.models import build_model
+from bench.registry import MODELS
+from bench.weights import WeightsError, call_factory, file_sha256, load_state, map_keys, read_checkpoint
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,26 @@ class Defense:
     certified = False
 
     def __init__(self, spec: DatasetSpec, *, arch: str | None = None, arch_params: dict[str, Any] | None = None,
-                 **train: Any):
+                 factory: str | None = None, factory_kwargs: dict[str, Any] | None = None,
+                 weights: str | None = None, weights_keys: dict[str, str] | None = None,
+                 weights_prefix: str | None = None, weights_entry: str | None = None,
+                 weights_sha256: str | None = None, **train: Any):
         self.spec = spec
-        self.arch = arch or spec.default_model
+        if arch and ":" in arch and factory is None:
+            factory, arch = arch, None  # arch = "package.module:function" names a factory too
+        self.arch = factory or arch or spec.default_model
         self.arch_params = dict(arch_params or {})
+        # The user's own network and weights (bench.weights): `factory` builds it, `weights` fills it.
+        self.factory = factory
+        self.factory_kwargs = dict(factory_kwargs or {})
+        if factory is not None and ":" not in str(factory):
+            raise ValueError(f"factory {factory!r} must look like 'package.module:function'")
+        if weights_keys is not None and not (isinstance(weights_keys, dict)
+                                             and all(isinstance(v, str) for v in weights_keys.values())):
+            raise ValueError("weights_keys must be a table { checkpoint_name = \"module_name\", ... }")
+        self.weights = None if weights in (None, "") else Path(str(weights)).expanduser()
+        self.weights_keys, self.weights_prefix, self.weights_entry = weights_keys, weights_prefix, weights_entry
+        self.weights_sha256 = weights_sha256
         if "milestones" in train:
             train["milestones"] = tuple(train["milestones"])
         self.train_config = TrainConfig(**train)
@@ -62,8 +82,39 @@ class Defense:
         return params
 
     def build_model(self) -> nn.Module:
-        """A fresh, untrained model for this defense."""
+        """A fresh, untrained model for this defense (the user's factory when given, else the registry's arch)."""
+        if self.factory is not None:
+            return call_factory(self.factory, self.factory_kwargs)
         return build_model(self.arch, self.spec.shape, self.spec.classes, **self.arch_params)
+
+    def weights_target(self, model: nn.Module) -> nn.Module:
+        """The part of `model` that the `weights` file fills (all of it; a wrapper may pick its base classifier)."""
+        return model
+
+    def starting_model(self) -> nn.Module:
+        """`build_model()` with the user's `weights` loaded: what training starts from, or, with steps = 0, the model."""
+        model = self.build_model()
+        if self.weights is not None:
+            path = self.weights.resolve()
+            if self.weights_sha256 is not None and path.is_file() and file_sha256(path) != self.weights_sha256:
+                raise WeightsError(f"weights file {path} changed since the profile was resolved; run again")
+            state = map_keys(read_checkpoint(path, self.weights_entry), keys=self.weights_keys,
+                             prefix=self.weights_prefix)
+            load_state(self.weights_target(model), state, path)
+        return model
+
+    def has_weights(self) -> bool:
+        """True when the model starts from given weights (a `weights` file, or an arch's pretrained `weights`)."""
+        if self.weights is not None:
+            return True
+        if self.factory is None and self.arch in MODELS:
+            default = inspect.signature(MODELS.get(self.arch)).parameters.get("weights")
+            chosen = self.arch_params.get("weights", None if default is None else default.default)
+            return chosen not in (None, "none", inspect.Parameter.empty)
+        return False
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError (one line) when `model` cannot be evaluated by this defense, e.g. a layer a bound lacks."""
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         """Training loss of one batch at optimizer step `step` (plain cross-entropy here)."""

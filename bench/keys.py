@@ -106,7 +106,7 @@ def model_code(defense: str, params: dict[str, Any]) -> str:
         sources.append(MODELS.get(arch))
     factory = params.get("factory")
     if isinstance(factory, str) and ":" in factory:
-        from defenses.user_model import import_factory  # late: defenses import the harness
+        from bench.weights import import_factory  # late: bench.weights imports bench.config, which imports us
 
         sources.append(import_factory(factory))
     return code_fingerprint(*sources)

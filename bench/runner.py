@@ -117,7 +117,7 @@ class Runner:
         with torch.random.fork_rng(devices=[]):
             # Seeded initialisation: the same cell gives the same weights whatever ran before in this process.
             torch.manual_seed(cell.seed)
-            model = defense.build_model().to(device)
+            model = defense.starting_model().to(device)  # built, with the user's weights when given
         # Parameters a defense declares evaluation-only (e.g. draw counts) do not change the weights.
         eval_only = getattr(cls, "eval_params", frozenset())
         trained = dict(config, defense_params={k: v for k, v in cell.defense_params.items() if k not in eval_only})

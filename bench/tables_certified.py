@@ -13,7 +13,8 @@ from bench.types import Cell, Record
 
 DEFAULT_ROBUST_THRESHOLDS = (0.05, 0.1)
 # Registry-name prefixes of the certified defenses and the certificate each computes by default.
-DEFAULT_CERTIFIERS = (("pixeldp", "pixeldp"), ("wong_kolter", "convex"), ("convex", "convex"))
+DEFAULT_CERTIFIERS = (("pixeldp", "pixeldp"), ("wong_kolter", "convex"), ("convex", "convex"),
+                      ("randomized_smoothing", "cohen"))
 
 
 def certifier_name(cell: Cell) -> str:

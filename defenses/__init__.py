@@ -4,3 +4,4 @@ from defenses import madry  # noqa: F401
 from defenses import convex  # noqa: F401
 from defenses import pixeldp  # noqa: F401
 from defenses import user_model  # noqa: F401
+from defenses import smoothing  # noqa: F401

@@ -81,10 +81,10 @@ def test_stratified_subset_is_fixed_and_balanced(tmp_path):
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("mnist", ["train-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "MNIST", "--download", "ossci-datasets"]),
+    ("mnist", ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "MNIST", "--download", "ossci-datasets"]),
     ("svhn", ["test_32x32.mat", "svhn", "--download", "ufldl.stanford.edu"]),
-    ("cifar10", ["data_batch_1", "test_batch", "batches.meta", "cifar-10-batches-py", "cifar-10-python.tar.gz"]),
-    ("cifar100", ["train", "meta", "cifar-100-python", "cifar-100-python.tar.gz"]),
+    ("cifar10", ["test_batch", "batches.meta", "cifar-10-batches-py", "cifar-10-python.tar.gz"]),
+    ("cifar100", ["test", "meta", "cifar-100-python", "cifar-100-python.tar.gz"]),
     ("imagenet", ["meta.bin", "ILSVRC2012_devkit_t12.tar.gz", "ILSVRC2012_img_val.tar", "image-net.org"]),
 ])
 def test_missing_dataset_names_expected_files_and_source(tmp_path, name, expected):

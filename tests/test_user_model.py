@@ -1,4 +1,5 @@
 """A user's own model plugs in through `user_model`: imported factory, safetensors or weights-only file."""
+import argparse
 import sys
 import textwrap
 
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 from bench.cli import main
 from bench.keys import cell_key
 from bench.config import ConfigError, parse_profile
+from bench.preflight import check_inputs
 from bench.data import gather, load_split, select_examples
 
 MODULE = textwrap.dedent('''
@@ -67,13 +69,21 @@ def test_user_model_is_evaluated_with_its_weights(user_package, tmp_path, suffix
     assert frame[(frame.attack == "pgd_linf") & (frame.eps == 0.0)].correct.item() == expected
 
 
+def checked(text: str, folder):
+    """Cells of a profile text after the run's input checks (weights resolved, hashed and loaded)."""
+    path = folder / "u.toml"
+    path.write_text(text)
+    return check_inputs(parse_profile(text, "u"), argparse.Namespace(profile=str(path), data_root=None,
+                                                                     download=False)).cells
+
+
 def test_weights_hash_is_part_of_the_cell(user_package, tmp_path):
     folder, model = user_package
     weights = folder / "mine.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-    first = parse_profile(profile_text(str(weights)), "u").cells[0]
+    first = checked(profile_text(str(weights)), tmp_path)[0]
     save_file({k: (2 * v).contiguous() for k, v in model.state_dict().items()}, str(weights))
-    second = parse_profile(profile_text(str(weights)), "u").cells[0]
+    second = checked(profile_text(str(weights)), tmp_path)[0]
     assert first.defense_params["weights_sha256"] != second.defense_params["weights_sha256"]
     assert cell_key(first, {}) != cell_key(second, {})
 
@@ -84,8 +94,8 @@ def test_weights_hash_is_part_of_the_cell(user_package, tmp_path):
     ('factory = "my_models:nothing"', "has no callable 'nothing'"),
     ('factory = "my_models:build", weights = "/no/such/file.safetensors"', "does not exist"),
 ])
-def test_bad_user_model_params(user_package, params, message):
+def test_bad_user_model_params(user_package, tmp_path, params, message):
     text = profile_text("x").replace(
         'factory = "my_models:build", weights = "x", factory_kwargs = { hidden = 16 }', params)
     with pytest.raises(ConfigError, match=message):
-        parse_profile(text, "u")
+        checked(text, tmp_path)

@@ -93,10 +93,12 @@ def load_mnist(split: str, root: Path, download: bool) -> ImageTensorDataset:
             tvd.MNIST(str(root), train=True, download=True)
         except Exception as exc:
             raise _download_failed("mnist", exc, how) from None
-    _require("mnist", split, folder, MNIST_FILES, how)
     prefix = "train" if split == "train" else "t10k"
     files = [folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte"]
-    data = _load("mnist", files, _probe_idx, lambda: tvd.MNIST(str(root), train=split == "train"))
+    # Only this split's two files: evaluating needs no training files (torchvision's class wants all four).
+    _require("mnist", split, folder, [f.name for f in files], how)
+    data = _load("mnist", files, _probe_idx, lambda: SimpleNamespace(
+        data=tvd.mnist.read_image_file(str(files[0])), targets=tvd.mnist.read_label_file(str(files[1]))))
     if len(data.data) != len(data.targets):
         raise _corrupt("mnist", files[1], ValueError(f"{len(data.targets)} labels for {len(data.data)} images"))
     return ImageTensorDataset(data.data.unsqueeze(1), data.targets)
@@ -165,10 +167,10 @@ def _cifar_loader(name: str, cls: type, url: str) -> Callable[[str, Path, bool],
                 cls(str(root), train=True, download=True)
             except Exception as exc:
                 raise _download_failed(name, exc, how) from None
-        expected = [f for f, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        # Only this split's batches and the meta file: evaluating needs no training files.
+        expected = [f for f, _ in (cls.train_list if split == "train" else cls.test_list)] + [cls.meta["filename"]]
         _require(name, split, folder, expected, how)
-        files = [folder / f for f, _ in (cls.train_list if split == "train" else cls.test_list)]
-        files.append(folder / cls.meta["filename"])
+        files = [folder / f for f in expected]
         # Read with the restricted unpickler rather than torchvision's plain pickle.load.
         data = _load(name, files, _probe_cifar, lambda: _read_cifar(folder, cls, split))
         images = torch.from_numpy(np.ascontiguousarray(data.data))

@@ -10,7 +10,7 @@ from torch import nn
 from bench.data import DatasetSpec
 from bench.defense import Defense
 from bench.registry import DEFENSES
-from defenses.convex.bounds import METHODS, certified, linearize, margin_lower_bounds
+from defenses.convex.bounds import METHODS, BoundError, certified, linearize, margin_lower_bounds
 
 
 @DEFENSES.register("wong_kolter", randomized=False, certified=True)
@@ -58,6 +58,13 @@ class WongKolter(Defense):
         self.eps_start, self.ramp = float(eps_start), float(ramp)
         self.radius_max = float(radius_max) if radius_max is not None else 2 * self.eps
         self.bisection_steps = int(bisection_steps)
+
+    def check_model(self, model: nn.Module) -> None:
+        """A model the bounds cannot propagate through (e.g. an unsupported layer) is refused before any cell runs."""
+        try:
+            linearize(model)
+        except BoundError as exc:
+            raise ValueError(f"the convex bounds cannot certify this model: {exc}") from None
 
     def eps_at(self, step: int) -> float:
         """The ramped training radius at optimizer step `step`."""
