@@ -54,7 +54,8 @@ def _check_defense(cell: Cell) -> bool:
         except Exception as exc:  # the user's network does not fit the defense (e.g. no conv stem for PixelDP)
             raise ConfigError(f"{where}: the model cannot be used ({type(exc).__name__}: {exc})") from None
     steps = defense.train_config.steps
-    if steps == 0 and not defense.has_weights():
+    # --max-steps 0 (cell.max_steps == 0) is the user's explicit choice: the CLI warns instead.
+    if steps == 0 and not defense.has_weights() and cell.max_steps != 0:
         raise ConfigError(f"{where} has steps = 0 and no weights, so it would be evaluated with random weights; "
                           "give weights = \"FILE\" (and factory = \"package.module:function\" for your own network) "
                           "or train it with steps > 0")
