@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.eot import judged_logits, set_progress
 from bench.registry import ATTACKS
 from bench.types import ThreatModel
 
@@ -90,18 +91,27 @@ def carlini_wagner_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
     best_l2 = torch.full_like(const, math.inf)
     best = x.clone()
     check_every = max(steps // 10, 1)
-    for _ in range(binary_steps):
+    total = max(binary_steps * steps, 1)
+    for search in range(binary_steps):
         # Every binary step restarts from x with a fresh optimizer, as in the original.
         w = w_start.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([w], lr=lr)
         succeeded = torch.zeros(n, dtype=torch.bool, device=x.device)
         previous = torch.full_like(const, math.inf)
-        stalled = torch.zeros_like(succeeded)
+        # Examples still optimized in this binary step; abort_early drops each one once its loss stalls.
+        active = torch.arange(n, device=x.device)
         for step in range(steps):
-            x_new = (torch.tanh(w) + 1) / 2 if box == "tanh" else w
-            l2 = (x_new - x).flatten(1).pow(2).sum(dim=1)
-            f = margin_loss(model(x_new), labels, targeted)
-            loss = l2 + const * f.clamp(min=-kappa)
+            if active.numel() == 0:
+                break
+            set_progress(model, (search * steps + step) / total)
+            x_all = (torch.tanh(w) + 1) / 2 if box == "tanh" else w
+            x_new = x_all[active]
+            l2 = (x_new - x[active]).flatten(1).pow(2).sum(dim=1)
+            logits = model(x_new)
+            f = margin_loss(logits, labels[active], targeted)
+            loss = l2 + const[active] * f.clamp(min=-kappa)
+            # Rows outside `active` get no gradient; Adam may still drift them, but they are not
+            # looked at again before the next binary step restarts every row from x.
             w.grad, = torch.autograd.grad(loss.sum(), w)
             optimizer.step()
             if box == "clip":
@@ -110,16 +120,25 @@ def carlini_wagner_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
             with torch.no_grad():
                 # x_new and its logits predate the step, so this records a point the model really saw.
                 success = f < -kappa
-                improved = success & (l2 < best_l2)
-                best_l2 = torch.where(improved, l2, best_l2)
-                best[improved] = x_new[improved].detach()
-                succeeded |= success
+                improved = success & (l2 < best_l2[active])
+                if bool(improved.any()):
+                    # A randomized model (EOT) re-judges candidates with fresh draws: a success of
+                    # the attack's own few draws may be luck and must neither become the minimum
+                    # nor steer the search over c.
+                    candidate = improved
+                    judged = judged_logits(model, x_new[candidate], logits[candidate])
+                    improved = candidate.clone()
+                    improved[candidate] = margin_loss(judged, labels[active][candidate], targeted) < 0
+                    success = success & ~(candidate & ~improved)
+                rows = active[improved]
+                best_l2[rows] = l2[improved]
+                best[rows] = x_new[improved].detach()
+                succeeded[active[success]] = True
                 if abort_early and (step + 1) % check_every == 0:
                     current = loss.detach()
-                    stalled |= current > previous - 1e-4 * previous.abs()
-                    previous = current
-                    if bool(stalled.all()):
-                        break
+                    stalled = current > previous[active] - 1e-4 * previous[active].abs()
+                    previous[active] = current
+                    active = active[~stalled]
         with torch.no_grad():
             upper = torch.where(succeeded, torch.minimum(upper, const), upper)
             lower = torch.where(succeeded, lower, torch.maximum(lower, const))
