@@ -65,9 +65,12 @@ def _apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.T
               steps: int, objective, progress: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
     """One APGD run from `start` on a batch (n, ...); returns (x_adv (n, ...), adversarial flags (n,)).
 
-    An example stops being attacked once a point is judged misclassified (with fresh draws for an
-    EOT model); otherwise the point of highest loss is returned.
+    On a deterministic model an example stops being attacked once a point is misclassified. On a
+    randomized one (an EOT wrapper, judged with fresh draws) a confirmed success near the decision
+    boundary may still flip under the defense's own judge, so every example keeps climbing and the
+    highest-loss confirmed adversarial point is returned. Otherwise the point of highest loss is.
     """
+    randomized = callable(getattr(model, "fresh_logits", None))
     n = x.shape[0]
     marks = set(checkpoints(steps))
     step = torch.full((n,), 2.0 * threat.eps, device=x.device, dtype=x.dtype)
@@ -79,8 +82,9 @@ def _apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.T
         grad, = torch.autograd.grad(loss.sum(), points)
         return loss.detach(), grad.detach(), logits.detach()
 
-    def newly_adversarial(points: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        wrong = logits.argmax(1) != y[rows]
+    def newly_adversarial(points: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor,
+                          loss: torch.Tensor) -> torch.Tensor:
+        wrong = (logits.argmax(1) != y[rows]) & (loss > result_loss[rows])
         if bool(wrong.any()):
             # Confirm with fresh draws (EOT): a success of the attack's own draws may be luck.
             judged = judged_logits(model, points[wrong], logits[wrong]).argmax(1) != y[rows][wrong]
@@ -92,17 +96,18 @@ def _apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.T
     x_adv = start.clone()
     result = start.clone()
     found = torch.zeros(n, dtype=torch.bool, device=x.device)
+    result_loss = torch.full((n,), -math.inf, device=x.device, dtype=x.dtype)
     set_progress(model, progress[0])
     loss, grad, logits = evaluate(x_adv, rows)
-    hit = newly_adversarial(x_adv, rows, logits)
+    hit = newly_adversarial(x_adv, rows, logits, loss)
     found |= hit
-    result[hit] = x_adv[hit]
+    result[hit], result_loss[hit] = x_adv[hit], loss[hit]
     loss_best, x_best, grad_best = loss.clone(), x_adv.clone(), grad.clone()
     x_prev = x_adv.clone()
     raised = torch.zeros(n, device=x.device)
     last_step, last_best, last_mark = step.clone(), loss_best.clone(), 0
     for i in range(steps):
-        active = (~found).nonzero().squeeze(1)
+        active = rows if randomized else (~found).nonzero().squeeze(1)
         if active.numel() == 0:
             break
         set_progress(model, progress[0] + (progress[1] - progress[0]) * (i + 1) / steps)
@@ -112,9 +117,9 @@ def _apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.T
         x_prev[active] = xa
         x_adv[active] = moved
         new_loss, new_grad, logits = evaluate(moved, active)
-        hit = newly_adversarial(moved, active, logits)
+        hit = newly_adversarial(moved, active, logits, new_loss)
         found[active[hit]] = True
-        result[active[hit]] = moved[hit]
+        result[active[hit]], result_loss[active[hit]] = moved[hit], new_loss[hit]
         raised[active] += (new_loss > loss[active]).float()
         loss[active], grad[active] = new_loss, new_grad
         better = new_loss > loss_best[active]
