@@ -161,6 +161,26 @@ def _autoattack(norm: str):
     return attack
 
 
+def _square(norm: str):
+    def attack(model, x, y, *, threat: ThreatModel, queries: int = 5000, restarts: int = 1, p_init: float = 0.8,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        import torchattacks
+
+        _check_norm(attack.__name__, threat, norm)
+        if threat.eps == 0 or queries == 0:
+            return x.clone()
+        with seeded(generator, x.device) as seed:
+            runner = torchattacks.Square(KeepMode(model), norm={"linf": "Linf", "l2": "L2"}[norm], eps=threat.eps,
+                                         n_queries=queries, n_restarts=restarts, p_init=p_init, loss="margin",
+                                         seed=seed)
+            return _fixed_output(runner(x, y), x, threat)
+
+    attack.__name__ = f"square_{norm}@torchattacks"
+    attack.__doc__ = (f"torchattacks.Square ({norm}, margin loss): the gradient-free score-based attack of Andriushchenko "
+                      "et al. 2020, used by bench.checks to detect gradient masking (it needs no gradients).")
+    return attack
+
+
 # --- ART ----------------------------------------------------------------------------------------
 
 def _pgd_art(norm: str):
@@ -224,6 +244,10 @@ ATTACKS.register("pgd_linf_eot@torchattacks", pgd_linf_eot_torchattacks, norm="l
 ATTACKS.register("cw_l2@torchattacks", cw_l2_torchattacks, norm="l2", minimum_norm=True, eot=False)
 ATTACKS.register("autoattack@torchattacks", _autoattack("linf"), norm="linf", minimum_norm=False, eot=False)
 ATTACKS.register("autoattack_l2@torchattacks", _autoattack("l2"), norm="l2", minimum_norm=False, eot=False)
+ATTACKS.register("square_linf@torchattacks", _square("linf"), norm="linf", minimum_norm=False, eot=False,
+                 gradient_free=True)
+ATTACKS.register("square_l2@torchattacks", _square("l2"), norm="l2", minimum_norm=False, eot=False,
+                 gradient_free=True)
 ATTACKS.register("pgd_linf@art", _pgd_art("linf"), norm="linf", minimum_norm=False, eot=False)
 ATTACKS.register("pgd_l2@art", _pgd_art("l2"), norm="l2", minimum_norm=False, eot=False)
 ATTACKS.register("cw_l2@art", cw_l2_art, norm="l2", minimum_norm=True, eot=False)

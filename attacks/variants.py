@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from attacks.apgd import apgd_l2, apgd_linf
 from attacks.cw import cw_l2
 from attacks.cw_linf import cw_linf
 from attacks.eot import EOT
@@ -18,19 +19,28 @@ from bench.types import ThreatModel
 def with_eot(attack: Callable, name: str, draws: int = 20) -> Callable:
     """`attack` run against EOT(model, draws): gradients (and successes) use the mean over draws.
 
-    The returned function has `attack`'s keyword-only hyperparameters plus `draws`, `chunk` and
-    `average` in its signature, so profiles are validated and --max-steps caps `steps` as usual.
+    The returned function has `attack`'s keyword-only hyperparameters plus `draws`, `chunk`,
+    `average`, `draws_start` (a linear draw schedule from `draws_start` to `draws` over the attack's
+    progress) and `judge_draws` (fresh draws that confirm a success inside the attack) in its
+    signature, so profiles are validated and --max-steps / --max-draws cap them as usual.
     """
 
     @functools.wraps(attack)
     def eot_attack(model, x, y, *, threat: ThreatModel, draws: int = draws, chunk: int | None = None,
-                   average: str = "softmax", **hparams):
-        return attack(EOT(model, draws=draws, chunk=chunk, average=average), x, y, threat=threat, **hparams)
+                   average: str = "softmax", draws_start: int | None = None, judge_draws: int | None = None,
+                   **hparams):
+        if draws_start is not None:
+            draws_start = min(draws_start, draws)  # --max-draws may have capped `draws` below it
+        wrapped = EOT(model, draws=draws, chunk=chunk, average=average, draws_start=draws_start,
+                      judge_draws=judge_draws)
+        return attack(wrapped, x, y, threat=threat, **hparams)
 
     base = inspect.signature(attack)
     extra = [inspect.Parameter("draws", inspect.Parameter.KEYWORD_ONLY, default=draws, annotation=int),
              inspect.Parameter("chunk", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"),
-             inspect.Parameter("average", inspect.Parameter.KEYWORD_ONLY, default="softmax", annotation=str)]
+             inspect.Parameter("average", inspect.Parameter.KEYWORD_ONLY, default="softmax", annotation=str),
+             inspect.Parameter("draws_start", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None"),
+             inspect.Parameter("judge_draws", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="int | None")]
     eot_attack.__signature__ = base.replace(parameters=list(base.parameters.values()) + extra)
     eot_attack.__name__ = eot_attack.__qualname__ = name
     eot_attack.__doc__ = (f"{attack.__name__} against EOT(model, draws) (default {draws} draws, as in the paper); "
@@ -58,3 +68,5 @@ ATTACKS.register("cw_linf_eot", with_eot(cw_linf, "cw_linf_eot"), norm="linf", m
 ATTACKS.register("pgd_linf_eot", with_eot(_pgd_for("linf"), "pgd_linf_eot"), norm="linf", minimum_norm=False,
                  eot=True)
 ATTACKS.register("pgd_l2_eot", with_eot(_pgd_for("l2"), "pgd_l2_eot"), norm="l2", minimum_norm=False, eot=True)
+ATTACKS.register("apgd_linf_eot", with_eot(apgd_linf, "apgd_linf_eot"), norm="linf", minimum_norm=False, eot=True)
+ATTACKS.register("apgd_l2_eot", with_eot(apgd_l2, "apgd_l2_eot"), norm="l2", minimum_norm=False, eot=True)

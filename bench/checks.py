@@ -20,6 +20,15 @@ LARGE_EPS = {"linf": 0.3, "l2": 3.0}
 BROKEN_ACCURACY = 0.05
 # A minimum-norm attack has no budget: failing on more than this fraction hints at gradient masking.
 UNBOUNDED_FAILURES = 0.10
+# Budgets that reach the constant mid-grey image from any input (half the pixel range per pixel; for
+# L2 scaled by sqrt(d)): any correct attack must reach ~0% there, whatever the defense.
+HUGE_LINF = 0.5
+HUGE_L2_PER_SQRT_DIM = 0.5
+HUGE_EPS_ACCURACY = 0.10
+# A gradient-free attack beating the white-box worst case by more than this (examples, and fraction
+# of n) means the white-box gradients are misleading (Carlini et al. 2019, "On evaluating...").
+GRADIENT_FREE_MARGIN = 1
+GRADIENT_FREE_FRACTION = 0.01
 # Input gradients this small (L2 norm per example) carry no usable direction in float32.
 ZERO_GRADIENT = 1e-10
 ZERO_GRADIENT_FRACTION = 0.10
@@ -33,7 +42,7 @@ def _flag(cell: Cell, info: dict[str, Any] | None, name: str) -> bool:
         return bool(info[name])
     if name == "randomized" and cell.defense in DEFENSES:
         return bool(getattr(DEFENSES.get(cell.defense), "randomized", False))
-    if name in ("eot", "minimum_norm") and cell.attack in ATTACKS:
+    if name in ("eot", "minimum_norm", "gradient_free") and cell.attack in ATTACKS:
         return bool(ATTACKS.meta(cell.attack).get(name, False))
     return False
 
@@ -189,10 +198,72 @@ def check_certified_vs_attack(cells: CellRecords, l_attack: dict[str, list[float
     return warnings
 
 
+def huge_eps(dataset: str, norm: str) -> float:
+    """The smallest budget from which every image of `dataset` can reach the constant 0.5 image."""
+    if norm == "linf":
+        return HUGE_LINF
+    from bench.registry import DATASETS
+
+    dims = math.prod(DATASETS.get(dataset).shape) if dataset in DATASETS else 784
+    return HUGE_L2_PER_SQRT_DIM * math.sqrt(dims)
+
+
+def check_huge_eps(cells: CellRecords, l_attack: dict[str, list[float]]) -> list[str]:
+    """At a budget that reaches a constant image from every input, accuracy under attack must be ~0 (any defense)."""
+    warnings = []
+    for cell, records in cells:
+        if not records or cell.attack == "none" or cell.eps is None or cell.eps < huge_eps(cell.dataset, cell.norm):
+            continue
+        for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
+            if correct.mean() > HUGE_EPS_ACCURACY:
+                warnings.append(f"{cell.dataset}/{cell.defense_label}/{attack}@{eps:g}: {int(correct.sum())}/"
+                                f"{len(correct)} stay correct at {norm} eps={eps:g}, a budget that reaches a constant "
+                                "image from every input; the attack is failing (gradient masking, too few steps, "
+                                "or no EOT against noise)")
+    return warnings
+
+
+def check_gradient_free_wins(cells: CellRecords, l_attack: dict[str, list[float]],
+                             infos: list[dict | None]) -> list[str]:
+    """A gradient-free attack (e.g. Square) that breaks examples every white-box attack missed signals masking."""
+    white: dict[tuple, tuple[list[str], dict[int, bool]]] = {}
+    free: list[tuple[tuple, str, dict[int, bool]]] = []
+    for (cell, records), info in zip(cells, infos):
+        if not records or cell.attack == "none":
+            continue
+        gradient_free = _flag(cell, info, "gradient_free")
+        indices = [r.index for r in records]
+        for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
+            slot = (cell.dataset, cell.defense_label, norm, float(eps))
+            label = attack if cell.eps is None else f"{attack}@{eps:g}"
+            flags = dict(zip(indices, (bool(ok) for ok in correct)))
+            if gradient_free:
+                free.append((slot, label, flags))
+                continue
+            names, worst = white.setdefault(slot, ([], {}))
+            names.append(label)
+            for index, ok in flags.items():
+                worst[index] = worst.get(index, True) and ok
+    warnings = []
+    for slot, label, flags in free:
+        if slot not in white:
+            continue
+        names, worst = white[slot]
+        shared = [i for i in flags if i in worst]
+        beaten = sum(1 for i in shared if worst[i] and not flags[i])
+        if beaten > max(GRADIENT_FREE_MARGIN, GRADIENT_FREE_FRACTION * len(shared)):
+            dataset, defense, norm, eps = slot
+            warnings.append(f"{dataset}/{defense}: the gradient-free {label} broke {beaten}/{len(shared)} examples "
+                            f"that every white-box attack missed ({', '.join(names)}) at {norm} eps={eps:g}; "
+                            "gradient masking: the white-box numbers overstate robustness")
+    return warnings
+
+
 def run_checks(cells: CellRecords, l_attack: dict[str, list[float]],
                infos: list[dict | None] | None = None) -> list[str]:
     """Every sanity check over a run's (cell, records) pairs; `infos` are the cells' stored infos, in order."""
     infos = list(infos) if infos is not None else [None] * len(cells)
     return (check_monotone(cells, l_attack) + check_undefended_broken(cells, l_attack)
             + check_unbounded_failures(cells, infos) + check_zero_gradients(cells, infos)
-            + check_randomized_without_eot(cells, infos) + check_certified_vs_attack(cells, l_attack))
+            + check_randomized_without_eot(cells, infos) + check_certified_vs_attack(cells, l_attack)
+            + check_huge_eps(cells, l_attack) + check_gradient_free_wins(cells, l_attack, infos))
