@@ -22,8 +22,8 @@ FAST = {"steps": 10, "binary_steps": 4, "draws": 3, "lr": 0.1, "c": 1.0, "restar
 SPECIFIC = {"cw_linf@art": {"steps": 10, "c": 10.0, "largest_c": 20.0, "decrease_factor": 0.5},
             "cw_l2": {"steps": 40, "binary_steps": 3}, "cw_l2_eot": {"steps": 40, "binary_steps": 3},
             "cw_l2_paper": {"steps": 40, "binary_steps": 3},
-            "square_linf@torchattacks": {"queries": 300}, "square_l2@torchattacks": {"queries": 300},
-            "cw_l2@torchattacks": {"steps": 40, "c": 10.0}, "cw_l2@art": {"steps": 20, "binary_steps": 2}}
+            "square_linf@torchattacks": {"queries": 300}, "square_l2@torchattacks": {"queries": 1000},
+            "cw_l2@torchattacks": {"steps": 40, "c": 10.0}, "cw_l2@art": {"steps": 20, "binary_steps": 2, "c": 10.0}}
 # AutoAttack runs FAB and a 5000-query Square on whatever APGD leaves robust: check its ball at the
 # large budget, where APGD leaves nothing.
 BALL = {"autoattack@torchattacks": LARGE, "autoattack_l2@torchattacks": LARGE}
