@@ -115,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run {run_id}: {len(cells)} cells on {device}; results in {run_dir}", flush=True)
     options = RunOptions(results_dir=results, device=device, data_root=args.data_root, download=args.download,
                          batch_size=profile.batch_size, progress=not args.quiet, max_draws=args.max_draws,
+                         overhead_draws=tuple(profile.overhead_draws),
                          log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)))
     if args.checkpoint_every is not None:
         if not args.checkpoint_every > 0:

@@ -15,9 +15,10 @@ from bench.keys import RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
 from bench.types import Cell
 
-RUN_KEYS = {"name", "datasets", "examples", "seed", "batch_size", "l_attack", "thresholds", "description"}
+RUN_KEYS = {"name", "datasets", "examples", "seed", "batch_size", "l_attack", "thresholds", "description",
+            "overhead_draws"}
 DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
-ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params"}
+ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params", "examples"}
 DEFAULT_L_ATTACK = {"l2": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5], "linf": [0.0, 0.05, 0.1, 0.2, 0.3]}
 DEFAULT_THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -39,11 +40,13 @@ class Profile:
     source: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     seed_source: str = "profile"  # "profile", "argument" or "os" (drawn from the OS entropy)
+    overhead_draws: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
 
     def settings(self) -> dict[str, Any]:
         """Run-level settings as plain data (stored with the run)."""
         return {"name": self.name, "batch_size": self.batch_size, "l_attack": self.l_attack,
-                "thresholds": self.thresholds, "seed": self.seed, "seed_source": self.seed_source}
+                "thresholds": self.thresholds, "seed": self.seed, "seed_source": self.seed_source,
+                "overhead_draws": self.overhead_draws}
 
 
 def shipped_profiles() -> list[str]:
@@ -227,6 +230,8 @@ def _attack_entries(raw: dict[str, Any], defense_entries: dict[str, dict]) -> di
         else:
             entry["eps"] = _numbers(_as_list(entry["eps"], f"attacks.{label}.eps"), f"attacks.{label}.eps")
         entry["targets"] = _targets(entry.get("against"), defense_entries, f"attacks.{label}.against")
+        if "examples" in entry:
+            _positive_int(entry["examples"], f"attacks.{label}.examples")
         entries[label] = entry
     return entries
 
@@ -257,9 +262,12 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
                 given = a_entry["params"] | a_entry["dataset_params"].get(dataset, {})
                 a_params = cap_counts(resolve_attack_params(a_entry["attack"], given), max_steps, max_draws)
                 by_dataset = a_entry.get("eps_by_dataset")
+                # An entry's own `examples` (e.g. an expensive EOT attack) takes the first examples of the
+                # run's stratified subset: the selection is nested, so worst cases stay per example.
+                subset = min(a_entry.get("examples", examples), examples)
                 for eps in a_entry["eps"] if by_dataset is None else by_dataset.get(dataset, []):
                     cells.append(Cell(attack=a_entry["attack"], norm=ATTACKS.meta(a_entry["attack"])["norm"], eps=eps,
-                                      attack_params=a_params, attack_label=a_label, **common))
+                                      attack_params=a_params, attack_label=a_label, **(common | {"examples": subset})))
                     produced[a_label] += 1
     empty = [label for label, count in produced.items() if count == 0]
     if empty:
@@ -302,12 +310,15 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     for norm, grid in _check_keys(run.get("l_attack", {}), {"l2", "linf"}, "run.l_attack").items():
         l_attack[norm] = _numbers(_as_list(grid, f"run.l_attack.{norm}"), f"run.l_attack.{norm}")
     thresholds = _numbers(_as_list(run.get("thresholds", DEFAULT_THRESHOLDS), "run.thresholds"), "run.thresholds")
+    overhead_draws = [_positive_int(d, "run.overhead_draws") for d in _as_list(run.get("overhead_draws", [1, 10, 100, 1000]),
+                                                                               "run.overhead_draws")]
     defense_entries = _defense_entries(raw)
     attack_entries = _attack_entries(raw, defense_entries)
     cells = expand_cells(datasets, defense_entries, attack_entries, examples=n_examples, seed=run_seed,
                          max_steps=max_steps, max_draws=max_draws)
     return Profile(name=_run_name(run.get("name"), name), cells=cells, batch_size=batch_size,
-                   l_attack=l_attack, thresholds=thresholds, source=raw, seed=run_seed, seed_source=seed_source)
+                   l_attack=l_attack, thresholds=thresholds, source=raw, seed=run_seed, seed_source=seed_source,
+                   overhead_draws=overhead_draws)
 
 
 def load_profile(name_or_path: str, **overrides: Any) -> Profile:

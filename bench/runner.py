@@ -46,6 +46,7 @@ class RunOptions:
     progress: bool = True
     log: Callable[[str], None] = print
     max_draws: int | None = None  # --max-draws: also caps the draw counts of the overhead timings
+    overhead_draws: tuple[int, ...] = DRAWS  # draw counts timed for the overhead table (profile: run.overhead_draws)
     checkpoint_seconds: float = CHECKPOINT_SECONDS  # training state is saved this often
     poll_seconds: float = 2.0  # how often a process waiting on another's cell or model looks again
 
@@ -228,7 +229,7 @@ class Runner:
         if attack is None:
             # Prediction time per image at 1..1000 draws for the overhead table (random state restored).
             cap = self.options.max_draws
-            draws = [k for k in DRAWS if cap is None or k <= cap] or [1]
+            draws = [k for k in self.options.overhead_draws if cap is None or k <= cap] or [1]
             info["overhead"] = measure_prediction(defense, x_all, device, draws=draws)
         return records, info
 

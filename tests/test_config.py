@@ -68,3 +68,22 @@ def test_unknown_names_list_valid_ones(text, message):
 def test_unknown_profile_name():
     with pytest.raises(ConfigError, match="unknown profile 'smok'; shipped profiles: .*smoke"):
         load_profile("smok")
+
+
+def test_an_attack_entry_can_use_a_nested_subset_of_the_examples():
+    from bench.data import load_split, select_examples
+
+    text = BASE.replace("[attacks.pgd_linf]", "[attacks.pgd_linf]\nexamples = 4")
+    profile = parse_profile(text, "t")
+    assert [c.examples for c in profile.cells] == [10, 4, 4]
+    test = load_split("mnist5k", "test")
+    for small, large in ((4, 10), (100, 200), (37, 200)):
+        inner, outer = select_examples(test, small, 0), select_examples(test, large, 0)
+        assert set(inner.tolist()) <= set(outer.tolist())  # worst cases over attacks stay per example
+    with pytest.raises(ConfigError, match="attacks.pgd_linf.examples must be a whole number"):
+        parse_profile(BASE.replace("[attacks.pgd_linf]", "[attacks.pgd_linf]\nexamples = 0"), "t")
+
+
+def test_overhead_draws_are_a_run_setting():
+    profile = parse_profile(BASE.replace("[run]", "[run]\noverhead_draws = [1, 10]"), "t")
+    assert profile.overhead_draws == [1, 10] and profile.settings()["overhead_draws"] == [1, 10]
