@@ -1,4 +1,4 @@
-"""MNIST, SVHN, CIFAR-10, CIFAR-100 and ImageNet read by torchvision from its on-disk layout under the data root."""
+"""MNIST, Fashion-MNIST, SVHN, CIFAR-10, CIFAR-100 and ImageNet read by torchvision from its on-disk layout under the data root."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -70,9 +70,8 @@ def _download_failed(name: str, exc: BaseException, how: str) -> DatasetError:
     return DatasetError(f"dataset {name!r}: download failed ({type(exc).__name__}: {exc}). {how}")
 
 
-# ---------------------------------------------------------------- MNIST (IDX files under MNIST/raw/)
+# ---------------------------------------------------------------- MNIST / Fashion-MNIST (IDX files under <Folder>/raw/)
 
-MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
 def _probe_idx(path: Path) -> None:
@@ -83,25 +82,36 @@ def _probe_idx(path: Path) -> None:
         raise ValueError(f"expected a {want}-d uint8 IDX tensor, got {tensor.dim()}-d {tensor.dtype}")
 
 
-def load_mnist(split: str, root: Path, download: bool) -> ImageTensorDataset:
-    """MNIST 60,000 train / 10,000 test from root/MNIST/raw/*-ubyte via torchvision.datasets.MNIST."""
-    folder = root / "MNIST" / "raw"
-    how = (f"Run with --download to let torchvision fetch it, or download the four *-ubyte.gz files from "
-           f"https://ossci-datasets.s3.amazonaws.com/mnist/ and gunzip them into {folder}.")
-    if download:
-        try:
-            tvd.MNIST(str(root), train=True, download=True)
-        except Exception as exc:
-            raise _download_failed("mnist", exc, how) from None
-    prefix = "train" if split == "train" else "t10k"
-    files = [folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte"]
-    # Only this split's two files: evaluating needs no training files (torchvision's class wants all four).
-    _require("mnist", split, folder, [f.name for f in files], how)
-    data = _load("mnist", files, _probe_idx, lambda: SimpleNamespace(
-        data=tvd.mnist.read_image_file(str(files[0])), targets=tvd.mnist.read_label_file(str(files[1]))))
-    if len(data.data) != len(data.targets):
-        raise _corrupt("mnist", files[1], ValueError(f"{len(data.targets)} labels for {len(data.data)} images"))
-    return ImageTensorDataset(data.data.unsqueeze(1), data.targets)
+def _idx_loader(name: str, cls: type, url: str) -> Callable[[str, Path, bool], ImageTensorDataset]:
+    """A loader of torchvision's MNIST layout (root/<cls.__name__>/raw/*-ubyte) for `cls` (MNIST or a subclass)."""
+    def load(split: str, root: Path, download: bool) -> ImageTensorDataset:
+        folder = root / cls.__name__ / "raw"  # torchvision's raw_folder
+        how = (f"Run with --download to let torchvision fetch it, or download the four *-ubyte.gz files from "
+               f"{url} and gunzip them into {folder}.")
+        if download:
+            try:
+                cls(str(root), train=True, download=True)
+            except Exception as exc:
+                raise _download_failed(name, exc, how) from None
+        prefix = "train" if split == "train" else "t10k"
+        files = [folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte"]
+        # Only this split's two files: evaluating needs no training files (torchvision's class wants all four).
+        _require(name, split, folder, [f.name for f in files], how)
+        data = _load(name, files, _probe_idx, lambda: SimpleNamespace(
+            data=tvd.mnist.read_image_file(str(files[0])), targets=tvd.mnist.read_label_file(str(files[1]))))
+        if len(data.data) != len(data.targets):
+            raise _corrupt(name, files[1], ValueError(f"{len(data.targets)} labels for {len(data.data)} images"))
+        if len(data.targets) and int(data.targets.max()) >= len(cls.classes):
+            raise _corrupt(name, files[1], ValueError(f"labels outside 0..{len(cls.classes) - 1}"))
+        return ImageTensorDataset(data.data.unsqueeze(1), data.targets)
+
+    load.__doc__ = f"{name}: 60,000 train / 10,000 test 28x28 images from {cls.__name__}/raw/*-ubyte (torchvision)."
+    return load
+
+
+load_mnist = _idx_loader("mnist", tvd.MNIST, "https://ossci-datasets.s3.amazonaws.com/mnist/")
+# Zalando's 10 clothing classes (Xiao et al. 2017), a drop-in for MNIST's format and sizes.
+load_fashion_mnist = _idx_loader("fashion_mnist", tvd.FashionMNIST, tvd.FashionMNIST.mirrors[0])
 
 
 # ---------------------------------------------------------------- CIFAR-10 / CIFAR-100 (python pickles)
@@ -291,6 +301,9 @@ def load_imagenet(split: str, root: Path, download: bool) -> Dataset:
 register_dataset(DatasetSpec(
     name="mnist", shape=(1, 28, 28), classes=10, load=load_mnist, default_model="mnist_cnn",
     description="MNIST handwritten digits, 60,000 train / 10,000 test (IDX files)"))
+register_dataset(DatasetSpec(
+    name="fashion_mnist", shape=(1, 28, 28), classes=10, load=load_fashion_mnist, default_model="mnist_cnn",
+    description="Fashion-MNIST clothing images, 60,000 train / 10,000 test (IDX files)"))
 register_dataset(DatasetSpec(
     name="svhn", shape=(3, 32, 32), classes=10, load=load_svhn, default_model="wide_resnet",
     description="SVHN house numbers, 73,257 train / 26,032 test (.mat files)"))

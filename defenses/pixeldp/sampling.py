@@ -7,6 +7,12 @@ import numpy as np
 import torch
 from torch import nn
 
+# CPU: the noised activations of one post-noise forward are kept to about this many bytes, so the
+# noise, the ReLU after it and the next layer's inputs stay in the L2/L3 caches instead of
+# streaming through memory. Measured on the paper's MNIST CNN (6,272 noised floats per row):
+# blocks of 2048 rows ran 25% slower than blocks of 256-512 (~8 MB gives 334 rows).
+CPU_BLOCK_BYTES = 8 << 20
+
 
 @dataclass
 class Samples:
@@ -28,28 +34,43 @@ def sample(model: nn.Module, x: torch.Tensor, draws: int, *, chunk_rows: int = 2
 
     `model` is a bench.models.ImageClassifier whose `noise` is a NoiseLayer: the deterministic
     `pre_noise` runs ONCE per image, then blocks of noisy copies (at most `chunk_rows` rows per
-    forward) go through `post_noise`. Draws come from the noise layer's generator.
+    forward, fewer on CPU: see `block_rows`) go through `post_noise`. Draws come from the noise
+    layer's generator; the statistics do not depend on the blocking.
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     per_chunk = max(1, chunk_rows)
-    parts = [_sample_images(model, x[i:i + per_chunk], draws, per_chunk) for i in range(0, x.shape[0], per_chunk)]
+    parts = []
+    for i in range(0, x.shape[0], per_chunk):
+        h = model.pre_noise(x[i:i + per_chunk])
+        rows = block_rows(h, per_chunk)
+        parts += [_sample_images(model, h[j:j + rows], draws, rows) for j in range(0, h.shape[0], rows)]
     return Samples(mean=np.concatenate([p[0] for p in parts]), variance=np.concatenate([p[1] for p in parts]),
                    counts=np.concatenate([p[2] for p in parts]), draws=draws)
 
 
-def _sample_images(model: nn.Module, x: torch.Tensor, draws: int, chunk_rows: int):
-    h = model.pre_noise(x)
+def block_rows(h: torch.Tensor, chunk_rows: int) -> int:
+    """Rows per post-noise forward for pre-noise activations h (N, ...): at most `chunk_rows`, and on
+    CPU at most CPU_BLOCK_BYTES of noised activations (at least one row)."""
+    rows = max(1, chunk_rows)
+    if h.device.type == "cpu":
+        row_bytes = h[0].numel() * h.element_size()
+        rows = min(rows, max(1, CPU_BLOCK_BYTES // max(1, row_bytes)))
+    return rows
+
+
+def _sample_images(model: nn.Module, h: torch.Tensor, draws: int, rows: int):
+    """Statistics of `draws` noisy copies of pre-noise activations h (n, ...), n <= rows, in blocks of <= rows rows."""
     n = h.shape[0]
-    block = max(1, min(draws, chunk_rows // n))
+    block = max(1, min(draws, rows // n))
     total = sumsq = counts = None
     for done in range(0, draws, block):
         d = min(block, draws - done)
         if hasattr(model.noise, "replicate"):
-            rows = model.noise.replicate(h, d)
+            noisy = model.noise.replicate(h, d)
         else:
-            rows = model.noise(h.repeat(d, *([1] * (h.dim() - 1))))
-        probs = model.post_noise(rows).float().softmax(dim=1).view(d, n, -1)
+            noisy = model.noise(h.repeat(d, *([1] * (h.dim() - 1))))
+        probs = model.post_noise(noisy).float().softmax(dim=1).view(d, n, -1)
         votes = torch.zeros_like(probs[0]).scatter_add_(
             1, probs.argmax(dim=2).T, torch.ones(n, d, device=probs.device, dtype=probs.dtype))
         # Accumulate in float64: the variance is a difference of two large sums.

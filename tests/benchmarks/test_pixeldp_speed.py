@@ -8,6 +8,7 @@ from bench.defense import Defense
 from bench.registry import DATASETS
 from bench.training import make_optimizer
 from defenses.pixeldp.defense import PixelDP
+from defenses.pixeldp.sampling import block_rows
 from timing import best_seconds
 
 SPEC = DATASETS.get("mnist5k")
@@ -27,9 +28,9 @@ def defense() -> PixelDP:
 
 @torch.no_grad()
 def unavoidable(model, x: torch.Tensor, draws: int, with_noise: bool) -> None:
-    """One pre-noise pass, then `draws` post-noise passes per image in CHUNK-row blocks (optionally noised)."""
+    """One pre-noise pass, then `draws` post-noise passes per image in the sampler's blocks (optionally noised)."""
     h = model.pre_noise(x)
-    block = max(1, CHUNK // h.shape[0])
+    block = max(1, block_rows(h, CHUNK) // h.shape[0])
     for done in range(0, draws, block):
         d = min(block, draws - done)
         rows = model.noise.replicate(h, d) if with_noise else h.repeat(d, 1, 1, 1)

@@ -1,0 +1,35 @@
+"""The `mnist-cpu` profile: the paper's MNIST comparison at CPU size resolves, and its whole grid runs on tiny files."""
+from __future__ import annotations
+
+from dataset_files import write_mnist
+
+from bench.cli import main
+from bench.config import load_profile
+
+
+def test_profile_holds_the_papers_comparison():
+    profile = load_profile("mnist-cpu")
+    clean = {c.defense_label: c.defense_params for c in profile.cells if c.attack == "none"}
+    assert set(clean) == {"undefended", "pixeldp_L0.03", "pixeldp_L0.1", "pixeldp_L0.3", "pixeldp_L1.0", "madry",
+                          "wong_kolter"}
+    assert {clean[f"pixeldp_L{L}"]["L"] for L in ("0.03", "0.1", "0.3", "1.0")} == {0.03, 0.1, 0.3, 1.0}
+    assert all(clean[f"pixeldp_L{L}"]["draws_certify"] == 2000 and clean[f"pixeldp_L{L}"]["arch"] == "mnist_cnn"
+               for L in ("0.03", "0.1", "0.3", "1.0"))
+    assert clean["madry"]["eps"] == 0.3 and clean["wong_kolter"]["eps"] == 0.1
+    assert {c.examples for c in profile.cells} == {1000} and {c.dataset for c in profile.cells} == {"mnist"}
+    attacked = {(c.defense_label, c.attack_label) for c in profile.cells if c.attack != "none"}
+    for label in ("undefended", "madry", "wong_kolter"):
+        assert {(label, "cw_l2"), (label, "pgd_linf")} <= attacked
+    # The randomized defense is attacked with EOT only, never with the deterministic versions.
+    assert {a for d, a in attacked if d == "pixeldp_L0.1"} == {"cw_l2_eot", "pgd_linf_eot"}
+    eot = [c for c in profile.cells if c.attack_label == "cw_l2_eot"]
+    assert eot and all(c.attack_params["draws"] >= 5 for c in eot)
+
+
+def test_whole_grid_runs_on_tiny_files(tmp_path, capsys):
+    write_mnist(tmp_path / "data", classes=range(4), per_class=1)
+    code = main(["run", "mnist-cpu", "--data-root", str(tmp_path / "data"), "--results", str(tmp_path / "res"),
+                 "--max-steps", "1", "--max-draws", "2", "--examples", "4", "--quiet", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "22 cell(s) computed" in out
