@@ -45,6 +45,7 @@ class Madry(Defense):
         check_examples: size of the monitor batch (the first training examples seen).
         overfit_drop: PGD-accuracy drop (absolute) that flags catastrophic overfitting.
         attack_seed: seeds the robustness checks (training draws come from the loop's per-step generator).
+        eps_ramp_steps: steps over which the training eps ramps linearly up to `eps` (0: full eps at once).
         **train: TrainConfig fields and arch / arch_params.
     """
 
@@ -55,7 +56,7 @@ class Madry(Defense):
                  step_size: float | None = None, fast: bool = False, fast_step: float = 1.25,
                  eval_steps: int = 20, eval_step_size: float | None = None, eval_restarts: int = 1,
                  check_every: int = 100, check_examples: int = 100, overfit_drop: float = 0.2,
-                 attack_seed: int = 0, **train: Any):
+                 attack_seed: int = 0, eps_ramp_steps: int = 0, **train: Any):
         super().__init__(spec, **train)
         self.threat = ThreatModel(norm, float(eps))
         if attack_steps < 1 or eval_steps < 1 or check_every < 0 or check_examples < 1 or not fast_step > 0:
@@ -66,6 +67,9 @@ class Madry(Defense):
         self.eval_steps, self.eval_step_size, self.eval_restarts = int(eval_steps), eval_step_size, int(eval_restarts)
         self.check_every, self.check_examples, self.overfit_drop = int(check_every), int(check_examples), overfit_drop
         self.attack_seed = int(attack_seed)
+        if eps_ramp_steps < 0:
+            raise ValueError("eps_ramp_steps must be >= 0")
+        self.eps_ramp_steps = int(eps_ramp_steps)
         self.history: list[tuple[int, float]] = []  # (step, PGD accuracy on the monitor batch)
         self.overfit_steps: list[int] = []
         self._monitor: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -79,21 +83,32 @@ class Madry(Defense):
             self._train_generator = torch.Generator(device=device).manual_seed(self.attack_seed)
         return self._train_generator
 
-    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eps_fraction(self, step: int) -> float:
+        """Training eps as a fraction of the target: linear from 1/ramp to 1 over `eps_ramp_steps` steps.
+
+        Large L-inf budgets from step 0 can leave a fresh network at chance (loss ln 10); ramping the
+        budget, as convex training does, avoids it.
+        """
+        return 1.0 if self.eps_ramp_steps == 0 else min(1.0, (step + 1) / self.eps_ramp_steps)
+
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """The training attack's x_adv (N, C, H, W): PGD, or FGSM from a random start when fast."""
         generator = self._generator(x.device)
+        fraction = 1.0 if step is None else self.eps_fraction(step)
+        threat = self.threat if fraction == 1.0 else ThreatModel(self.threat.norm, self.threat.eps * fraction)
         if self.fast:
-            return projected_gradient_descent(model, x, y, threat=self.threat, steps=1,
-                                              step_size=self.fast_step * self.threat.eps, generator=generator)
-        return projected_gradient_descent(model, x, y, threat=self.threat, steps=self.attack_steps,
-                                          step_size=self.step_size, generator=generator)
+            return projected_gradient_descent(model, x, y, threat=threat, steps=1,
+                                              step_size=self.fast_step * threat.eps, generator=generator)
+        step_size = None if self.step_size is None else self.step_size * fraction
+        return projected_gradient_descent(model, x, y, threat=threat, steps=self.attack_steps,
+                                          step_size=step_size, generator=generator)
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         """Cross-entropy on the training attack's adversarial examples (the inner max of the saddle point)."""
         self._step = step
         if self._monitor is None and self.check_every:
             self._monitor = (x[:self.check_examples].detach().clone(), y[:self.check_examples].clone())
-        x_adv = self.adversarial(model, x, y)
+        x_adv = self.adversarial(model, x, y, step)
         return F.cross_entropy(model(x_adv), y)
 
     def robust_accuracy(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

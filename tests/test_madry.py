@@ -102,3 +102,18 @@ def test_overfitting_check_flags_a_collapse(synthetic_batch):
     with pytest.warns(CatastrophicOverfittingWarning, match="catastrophic overfitting at step 2"):
         defense.after_step(collapsed)
     assert defense.history[-1] == (2, 0.0) and defense.overfit_steps == [2]
+
+
+def test_eps_ramp_grows_the_training_budget_linearly():
+    from bench.registry import DATASETS
+    from defenses.madry import Madry
+
+    defense = Madry(DATASETS.get("mnist5k"), eps=0.3, eps_ramp_steps=4, attack_steps=3, step_size=0.1)
+    assert [defense.eps_fraction(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    model = defense.build_model().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)
+    early = defense.adversarial(model, x, y, step=0)
+    assert (early - x).abs().max() <= 0.075 + 1e-6
+    late = defense.adversarial(model, x, y, step=10)
+    assert 0.075 < (late - x).abs().max() <= 0.3 + 1e-6
