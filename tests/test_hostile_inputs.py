@@ -288,3 +288,24 @@ def test_radius_never_falls_as_p_lb_rises_or_p_ub_falls(name):
     finite = np.isfinite(radius[:, 1:]) & np.isfinite(radius[:, :-1])
     assert (falls_with_ub[finite] <= 1e-12).all()
     assert radius[-1, 0] > 0 and radius[0, :].max() == 0  # certain top class certifies; p_lb = 0 never does
+
+
+def test_a_cell_with_missing_records_is_never_stored(tiny, tmp_path, capsys, monkeypatch):
+    from bench.runner import Runner
+
+    real = Runner.run_cell
+
+    def drops_one(self, cell, key):
+        records, info = real(self, cell, key)
+        return records[:-1], info
+
+    monkeypatch.setattr(Runner, "run_cell", drops_one)
+    err = one_line_error(capsys, "run", tiny, "--results", tmp_path / "r", "--quiet")
+    assert "produced 19 records for 20 examples; it was not stored" in err
+    conn = sqlite3.connect(tmp_path / "r" / "store.sqlite")
+    assert conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM claims").fetchone()[0] == 0  # released for the next run
+    conn.close()
+    monkeypatch.setattr(Runner, "run_cell", real)
+    assert main(["run", str(tiny), "--results", str(tmp_path / "r"), "--quiet"]) == 0
+    assert "3 cell(s) computed, 0 reused" in capsys.readouterr().out
