@@ -94,8 +94,26 @@ def _cell_filled(cell: types.CellType) -> bool:
     return True
 
 
+_CLOSURES: dict[int, tuple[Any, frozenset[Path]]] = {}
+
+
 def source_files(*objects: Any) -> set[Path]:
-    """Every tracked source file the objects' code depends on (see the module docstring)."""
+    """Every tracked source file the objects' code depends on (see the module docstring).
+
+    Each object's closure is computed once per process (code does not change under a running
+    process; the files' contents are hashed afresh by `file_digest`).
+    """
+    files: set[Path] = set()
+    for obj in objects:
+        cached = _CLOSURES.get(id(obj))
+        if cached is None or cached[0] is not obj:
+            cached = (obj, frozenset(_closure(obj)))
+            _CLOSURES[id(obj)] = cached
+        files |= cached[1]
+    return files
+
+
+def _closure(*objects: Any) -> set[Path]:
     files: set[Path] = set()
     seen: set[int] = set()
     stack = list(objects)

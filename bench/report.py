@@ -1,11 +1,15 @@
 """Regenerates every table and figure of a run from the results store alone."""
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
+import bench.plots
 from bench.checks import run_checks
+from bench.fingerprint import code_fingerprint
 from bench.plots import plot_accuracy_vs_attack, plot_certified, plot_defense_comparison, plot_robust, save_figure
 from bench.store import Store
 from bench.tables import ACCURACY_CAPTION, accuracy_frame, accuracy_pivot, to_text, write_accuracy_tables, write_table
@@ -14,6 +18,7 @@ from bench.tables_certified import (CERTIFIED_CAPTION, DEFAULT_ROBUST_THRESHOLDS
 from bench.tables_overhead import overhead_caption, overhead_frame, overhead_pivot
 
 FIGURES = "figures"
+INPUTS_MARKER = ".inputs"  # digest of what a run's figures were drawn from (lets reruns copy them)
 
 
 def run_records(store: Store, run_id: str):
@@ -43,9 +48,39 @@ def run_frames(store: Store, run_id: str, robust_thresholds=None) -> dict[str, A
     }
 
 
+def _figure_inputs(frames: dict[str, Any], registry: dict) -> str:
+    """Digest of everything the figures are drawn from: the plotted frames and the plotting code."""
+    digest = hashlib.sha256(code_fingerprint(bench.plots).encode())
+    for name in ("certified", "accuracy", "robust"):
+        digest.update(frames[name].to_csv(index=False).encode())
+    digest.update(repr(sorted(registry.items())).encode() + repr(sorted(frames["certified_defenses"])).encode())
+    return digest.hexdigest()
+
+
+def _reuse_figures(folder: Path, inputs: str) -> dict[str, dict[str, Path]] | None:
+    """Copy the figures of a sibling run drawn from identical inputs (a fully reused rerun): drawing
+    them again would give the same files and costs most of a warm run's time."""
+    for marker in sorted(folder.parent.parent.glob(f"*/{FIGURES}/{INPUTS_MARKER}"), reverse=True):
+        if marker.parent == folder or marker.read_text() != inputs:
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        paths: dict[str, dict[str, Path]] = {}
+        for source in sorted(marker.parent.iterdir()):
+            if source.suffix in (".png", ".pdf"):
+                shutil.copy2(source, folder / source.name)
+                paths.setdefault(source.stem, {})[source.suffix[1:]] = folder / source.name
+        (folder / INPUTS_MARKER).write_text(inputs)
+        return paths
+    return None
+
+
 def write_figures(frames: dict[str, Any], folder: Path) -> dict[str, dict[str, Path]]:
     """Figs. 2-5 of the paper for whatever the run holds; figures without data are skipped."""
     registry = {(c.dataset, c.defense_label): c.defense for c, _ in frames["cells"]}
+    inputs = _figure_inputs(frames, registry)
+    reused = _reuse_figures(folder, inputs)
+    if reused is not None:
+        return reused
     figures = {
         "fig2_certified_accuracy": plot_certified(frames["certified"]),
         "fig3_accuracy_vs_attack": plot_accuracy_vs_attack(frames["accuracy"]),
@@ -53,7 +88,10 @@ def write_figures(frames: dict[str, Any], folder: Path) -> dict[str, dict[str, P
         "fig5_robust_precision_recall": plot_robust(frames["robust"], frames["accuracy"],
                                                     frames["certified_defenses"]),
     }
-    return {stem: save_figure(figure, folder, stem) for stem, figure in figures.items() if figure is not None}
+    paths = {stem: save_figure(figure, folder, stem) for stem, figure in figures.items() if figure is not None}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INPUTS_MARKER).write_text(inputs)
+    return paths
 
 
 def write_report(store: Store, run_id: str, run_dir: Path, robust_thresholds=None) -> dict[str, Any]:
