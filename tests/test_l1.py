@@ -179,3 +179,23 @@ params = { steps = 20 }
     assert [(c.norm, c.eps) for c in cells] == [("l1", 4.0), ("l1", 8.0)]
     assert cells[0].threat() == ThreatModel("l1", 4.0)
     assert profile.l_attack["l1"] == [0.0, 4.0, 8.0]
+
+
+def test_tables_and_plots_show_an_l1_column_and_panel():
+    from bench.plots import plot_accuracy_vs_attack
+    from bench.tables import accuracy_frame, accuracy_pivot
+    from bench.types import Cell, Record
+
+    def records(adv_preds, norms):
+        return [Record(index=i, label=1, clean_pred=1, adv_pred=p, norm=v, radius=None, seconds=0.0, forward_passes=1)
+                for i, (p, v) in enumerate(zip(adv_preds, norms))]
+
+    cells = [(Cell("mnist5k", "undefended", "none"), records([1] * 4, [0.0] * 4)),
+             (Cell("mnist5k", "undefended", "apgd_l1", "l1", 4.0), records([1, 0, 0, 1], [4.0] * 4)),
+             (Cell("mnist5k", "undefended", "pgd_l2", "l2", 1.0), records([1, 1, 0, 1], [1.0] * 4))]
+    frame = accuracy_frame(cells, {"l1": [0.0, 4.0], "l2": [0.0, 1.0]})
+    row = frame[(frame["attack"] == "apgd_l1")]
+    assert row["norm"].tolist() == ["l1"] and row["correct"].tolist() == [2]
+    assert "apgd_l1 l1=4" in accuracy_pivot(frame).columns
+    figure = plot_accuracy_vs_attack(frame)
+    assert len(figure.axes) == 2 and "L1" in figure.axes[0].get_xlabel()
