@@ -18,7 +18,7 @@ from bench.types import Cell
 RUN_KEYS = {"name", "datasets", "examples", "seed", "batch_size", "l_attack", "thresholds", "description"}
 DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
 ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params"}
-# L1 in [0,1]-pixel units too: 10 is about 13 fully flipped MNIST pixels out of 784.
+# L1 in [0,1]-pixel units too: 10 is the budget of 10 MNIST pixels (of 784) flipped from 0 to 1.
 DEFAULT_L_ATTACK = {"l1": [0.0, 2.0, 4.0, 6.0, 8.0, 10.0], "l2": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5],
                     "linf": [0.0, 0.05, 0.1, 0.2, 0.3]}
 DEFAULT_THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]

@@ -12,7 +12,7 @@ from bench.registry import ATTACKS
 from bench.types import ThreatModel
 
 # A budget that breaks the smoke CNN (and a smaller one for the ball check).
-# L1 in [0,1]-pixel units: 20 is ~26 flipped pixels of 784.
+# L1 in [0,1]-pixel units: 20 flips 20 of the 784 pixels from 0 to 1.
 LARGE = {"linf": 0.3, "l2": 3.0, "l1": 20.0}
 SMALL = {"linf": 0.1, "l2": 1.0, "l1": 5.0}
 EXAMPLES = 8
