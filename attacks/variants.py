@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from attacks.apgd import apgd_l2, apgd_linf
+from attacks.apgd_l1 import apgd_l1
 from attacks.cw import cw_l2
 from attacks.cw_linf import cw_linf
 from attacks.eot import EOT
@@ -70,3 +71,4 @@ ATTACKS.register("pgd_linf_eot", with_eot(_pgd_for("linf"), "pgd_linf_eot"), nor
 ATTACKS.register("pgd_l2_eot", with_eot(_pgd_for("l2"), "pgd_l2_eot"), norm="l2", minimum_norm=False, eot=True)
 ATTACKS.register("apgd_linf_eot", with_eot(apgd_linf, "apgd_linf_eot"), norm="linf", minimum_norm=False, eot=True)
 ATTACKS.register("apgd_l2_eot", with_eot(apgd_l2, "apgd_l2_eot"), norm="l2", minimum_norm=False, eot=True)
+ATTACKS.register("apgd_l1_eot", with_eot(apgd_l1, "apgd_l1_eot"), norm="l1", minimum_norm=False, eot=True)

@@ -48,9 +48,9 @@ def _flag(cell: Cell, info: dict[str, Any] | None, name: str) -> bool:
 
 
 def _certified_norm(cell: Cell) -> str | None:
-    """The norm of a certified defense's radii when it is one the attacks use (l2, linf), else None."""
+    """The norm of a certified defense's radii when it is one the attacks use (l1, l2, linf), else None."""
     norm = certified_norm(cell.defense, cell.defense_params)
-    return norm if norm in ("l2", "linf") else None
+    return norm if norm in ("l1", "l2", "linf") else None
 
 
 def zero_gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -110,7 +110,7 @@ def check_undefended_broken(cells: CellRecords, l_attack: dict[str, list[float]]
     for cell, records in cells:
         if not records or cell.defense != "undefended" or cell.attack == "none" or cell.eps is None:
             continue
-        if cell.eps < LARGE_EPS[cell.norm]:
+        if cell.norm not in LARGE_EPS or cell.eps < LARGE_EPS[cell.norm]:
             continue
         for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
             key = (cell.dataset, cell.defense_label, norm)
@@ -205,6 +205,8 @@ def huge_eps(dataset: str, norm: str) -> float:
     from bench.registry import DATASETS
 
     dims = math.prod(DATASETS.get(dataset).shape) if dataset in DATASETS else 784
+    if norm == "l1":
+        return HUGE_LINF * dims  # half the pixel range on every pixel
     return HUGE_L2_PER_SQRT_DIM * math.sqrt(dims)
 
 

@@ -19,7 +19,9 @@ RUN_KEYS = {"name", "datasets", "examples", "seed", "batch_size", "l_attack", "t
             "overhead_draws"}
 DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
 ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params", "examples"}
-DEFAULT_L_ATTACK = {"l2": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5], "linf": [0.0, 0.05, 0.1, 0.2, 0.3]}
+# L1 in [0,1]-pixel units too: 10 is the budget of 10 MNIST pixels (of 784) flipped from 0 to 1.
+DEFAULT_L_ATTACK = {"l1": [0.0, 2.0, 4.0, 6.0, 8.0, 10.0], "l2": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5],
+                    "linf": [0.0, 0.05, 0.1, 0.2, 0.3]}
 DEFAULT_THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -307,7 +309,7 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
         raise ConfigError(f"run.seed must be a whole number >= 0, got {run_seed!r}")
     batch_size = _positive_int(run.get("batch_size", 100), "run.batch_size")
     l_attack = dict(DEFAULT_L_ATTACK)
-    for norm, grid in _check_keys(run.get("l_attack", {}), {"l2", "linf"}, "run.l_attack").items():
+    for norm, grid in _check_keys(run.get("l_attack", {}), set(DEFAULT_L_ATTACK), "run.l_attack").items():
         l_attack[norm] = _numbers(_as_list(grid, f"run.l_attack.{norm}"), f"run.l_attack.{norm}")
     thresholds = _numbers(_as_list(run.get("thresholds", DEFAULT_THRESHOLDS), "run.thresholds"), "run.thresholds")
     overhead_draws = [_positive_int(d, "run.overhead_draws") for d in _as_list(run.get("overhead_draws", [1, 10, 100, 1000]),

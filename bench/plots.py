@@ -18,7 +18,7 @@ from bench.tables import CLEAN, WORST
 from bench.tables_certified import reference_accuracy
 
 BAND_MAX_N = 1000  # draw 95% Clopper-Pearson bands when a point rests on at most this many examples
-NORM_TEXT = {"l2": "L2", "linf": "L-inf"}
+NORM_TEXT = {"l1": "L1", "l2": "L2", "linf": "L-inf"}
 FAMILIES = (("pixeldp", "PixelDP"), ("madry", "Madry"), ("wong_kolter", "convex"), ("convex", "convex"),
             ("undefended", "undefended"))
 PALETTE = sns.color_palette("colorblind")
@@ -123,7 +123,7 @@ def plot_accuracy_vs_attack(accuracy: pd.DataFrame, band_max_n: int = BAND_MAX_N
     if attacked.empty:
         return None
     panels = list(dict.fromkeys(zip(attacked["dataset"], attacked["defense"])))
-    norms = [n for n in ("l2", "linf") if n in set(attacked["norm"])]
+    norms = [n for n in NORM_TEXT if n in set(attacked["norm"])]
     with publication_style():
         figure, axes = new_figure(len(panels), len(norms))
         for r, (dataset, defense) in enumerate(panels):
@@ -155,7 +155,7 @@ def plot_defense_comparison(accuracy: pd.DataFrame, registry_names: dict[tuple[s
     if not {family(registry_names.get(k, k[1])) for k in chosen} - {"undefended"}:
         return None  # none of PixelDP, Madry or convex in this run
     datasets = list(dict.fromkeys(d for d, _ in chosen))
-    norms = [n for n in ("l2", "linf") if n in set(attacked["norm"])]
+    norms = [n for n in NORM_TEXT if n in set(attacked["norm"])]
     with publication_style():
         figure, axes = new_figure(len(datasets), len(norms))
         for r, dataset in enumerate(datasets):

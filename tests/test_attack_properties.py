@@ -12,8 +12,9 @@ from bench.registry import ATTACKS
 from bench.types import ThreatModel
 
 # A budget that breaks the smoke CNN (and a smaller one for the ball check).
-LARGE = {"linf": 0.3, "l2": 3.0}
-SMALL = {"linf": 0.1, "l2": 1.0}
+# L1 in [0,1]-pixel units: 20 flips 20 of the 784 pixels from 0 to 1.
+LARGE = {"linf": 0.3, "l2": 3.0, "l1": 20.0}
+SMALL = {"linf": 0.1, "l2": 1.0, "l1": 5.0}
 EXAMPLES = 8
 # Cheap settings, applied only where the attack accepts the hyperparameter.
 FAST = {"steps": 10, "binary_steps": 4, "draws": 3, "lr": 0.1, "c": 1.0, "restarts": 1}
@@ -79,7 +80,7 @@ def name(request):
 
 def test_registration_metadata(name):
     meta = ATTACKS.meta(name)
-    assert meta["norm"] in ("l2", "linf")
+    assert meta["norm"] in ("l1", "l2", "linf")
     assert isinstance(meta["minimum_norm"], bool) and isinstance(meta["eot"], bool)
     parameters = inspect.signature(ATTACKS.get(name)).parameters
     assert parameters["threat"].kind is inspect.Parameter.KEYWORD_ONLY

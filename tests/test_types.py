@@ -38,7 +38,7 @@ def test_norm_of_values():
 
 def test_bad_threat_models():
     with pytest.raises(ValueError, match="unknown norm"):
-        ThreatModel("l1", 0.1)
+        ThreatModel("l0", 0.1)
     with pytest.raises(ValueError, match="non-negative"):
         ThreatModel("l2", math.nan)
 
