@@ -253,8 +253,10 @@ class Runner:
         inside = threat.contains(x_adv.detach(), x)
         if not bool(inside.all()):
             bad = int((~inside).sum())
+            largest = float(threat.norm_of((x_adv.detach() - x)[~inside]).max())
             raise AttackContractError(f"attack {name!r} returned {bad} example(s) outside the {threat.norm} ball of "
-                                      f"eps={threat.eps} or the [0,1] box; it must project its output")
+                                      f"eps={threat.eps} (largest norm {largest:.6g}) or the [0,1] box; it must "
+                                      "project its output")
 
 
 def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions) -> dict[str, int]:
