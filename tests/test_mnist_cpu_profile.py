@@ -21,7 +21,7 @@ def test_profile_holds_the_papers_comparison():
     for label in ("undefended", "madry", "wong_kolter"):
         assert {(label, "cw_l2"), (label, "pgd_linf")} <= attacked
     # The randomized defense is attacked with EOT only, never with the deterministic versions.
-    assert {a for d, a in attacked if d == "pixeldp_L0.1"} == {"cw_l2_eot", "pgd_linf_eot"}
+    assert {a for d, a in attacked if d == "pixeldp_L0.1"} == {"cw_l2_eot", "pgd_linf_eot", "apgd_linf_eot"}
     eot = [c for c in profile.cells if c.attack_label == "cw_l2_eot"]
     assert eot and all(c.attack_params["draws"] >= 5 for c in eot)
 
@@ -32,4 +32,4 @@ def test_whole_grid_runs_on_tiny_files(tmp_path, capsys):
                  "--max-steps", "1", "--max-draws", "2", "--examples", "4", "--quiet", "--device", "cpu"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    assert "22 cell(s) computed" in out
+    assert "29 cell(s) computed" in out
