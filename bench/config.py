@@ -15,8 +15,8 @@ from bench.keys import RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
 from bench.types import Cell
 
-RUN_KEYS = {"name", "datasets", "examples", "seed", "batch_size", "l_attack", "thresholds", "description",
-            "overhead_draws"}
+RUN_KEYS = {"name", "datasets", "examples", "certify_examples", "seed", "batch_size", "l_attack", "thresholds",
+            "description", "overhead_draws"}
 DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
 ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params", "examples"}
 # L1 in [0,1]-pixel units too: 10 is the budget of 10 MNIST pixels (of 784) flipped from 0 to 1.
@@ -239,8 +239,12 @@ def _attack_entries(raw: dict[str, Any], defense_entries: dict[str, dict]) -> di
 
 
 def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_entries: dict[str, dict], *,
-                 examples: int, seed: int, max_steps: int | None, max_draws: int | None) -> list[Cell]:
+                 examples: int, seed: int, max_steps: int | None, max_draws: int | None,
+                 certify_examples: int | None = None) -> list[Cell]:
     """Every (dataset, defense, attack, eps) cell, the clean cell first per defense, parameters resolved.
+
+    `certify_examples` (< examples) makes a certified defense's clean cell certify only that nested
+    stratified subset and predict the rest: clean accuracy on many examples, certificates on fewer.
 
     An attack entry that yields no cell at all (no eps, no matching defense or dataset) is an error,
     never a silent drop.
@@ -257,7 +261,10 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
                                   max_draws)
             common = dict(dataset=dataset, defense=d_entry["defense"], defense_params=d_params,
                           examples=examples, seed=seed, max_steps=max_steps, defense_label=d_label)
-            cells.append(Cell(attack="none", **common))
+            certify = certify_examples if certify_examples is not None and certify_examples < examples else None
+            if not getattr(DEFENSES.get(d_entry["defense"]), "certified", False):
+                certify = None
+            cells.append(Cell(attack="none", certify_examples=certify, **common))
             for a_label, a_entry in attack_entries.items():
                 if d_label not in a_entry["targets"] or dataset not in _selected(a_entry, f"attacks.{a_label}", datasets):
                     continue
@@ -303,6 +310,9 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
         DATASETS.get(d)
     n_examples = _positive_int(examples if examples is not None else run.get("examples", 100),
                                "examples" if examples is not None else "run.examples")
+    certify_examples = None
+    if "certify_examples" in run:
+        certify_examples = _positive_int(run["certify_examples"], "run.certify_examples")
     seed_source = "argument" if seed is not None else "profile" if "seed" in run else "os"
     run_seed = seed if seed is not None else run["seed"] if "seed" in run else os_seed()
     if isinstance(run_seed, bool) or not isinstance(run_seed, int) or run_seed < 0:
@@ -317,7 +327,7 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     defense_entries = _defense_entries(raw)
     attack_entries = _attack_entries(raw, defense_entries)
     cells = expand_cells(datasets, defense_entries, attack_entries, examples=n_examples, seed=run_seed,
-                         max_steps=max_steps, max_draws=max_draws)
+                         max_steps=max_steps, max_draws=max_draws, certify_examples=certify_examples)
     return Profile(name=_run_name(run.get("name"), name), cells=cells, batch_size=batch_size,
                    l_attack=l_attack, thresholds=thresholds, source=raw, seed=run_seed, seed_source=seed_source,
                    overhead_draws=overhead_draws)

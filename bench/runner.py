@@ -64,6 +64,13 @@ class IncompleteCellError(RuntimeError):
     """A cell produced fewer records than it has examples; it is not stored."""
 
 
+def _radius_or_none(radius: torch.Tensor | None, is_certified: bool) -> float | None:
+    """A record's certified radius (a 0-d tensor); None where nothing is certified or the row is not."""
+    if radius is None or not is_certified:
+        return None
+    return float(radius)
+
+
 @contextmanager
 def count_forward_passes(model: nn.Module) -> Iterator[list[int]]:
     """Count examples pushed through the logits-producing part of `model` (batch rows)."""
@@ -105,6 +112,18 @@ class Runner:
             x, y = gather(test, indices)
             self._test_sets[key] = (indices, x, y)
         return self._test_sets[key]
+
+    def certified_rows(self, cell: Cell, indices: torch.Tensor) -> torch.Tensor | None:
+        """(n,) bool: which of the cell's examples its clean cell certifies (None: all of them).
+
+        The subset is drawn exactly like an attack entry's own `examples`, so certificates and attacks
+        on the same number of examples cover the same test images.
+        """
+        if cell.attack != "none" or cell.certify_examples is None or cell.certify_examples >= len(indices):
+            return None
+        test = load_split(cell.dataset, "test", resolve_data_root(self.options.data_root), self.options.download)
+        chosen = select_examples(test, cell.certify_examples, cell.seed)
+        return torch.isin(indices, chosen)
 
     def defense(self, cell: Cell) -> tuple[Defense, dict[str, Any]]:
         """The trained defense of a cell (trained once, cached as safetensors) and its training info."""
@@ -180,6 +199,7 @@ class Runner:
         """Attack (or certify) the cell's test examples batch by batch; returns records and info."""
         defense, defense_info = self.defense(cell)
         indices, x_all, y_all = self.test_examples(cell)
+        certify_rows = self.certified_rows(cell, indices)
         device = self.options.device
         # Every random draw of the cell (attack starts, the defense's noise) is seeded by its key,
         # so its records never depend on which cells ran before it or where it runs.
@@ -199,7 +219,8 @@ class Runner:
             began = time.perf_counter()
             with count_forward_passes(defense.model) as passes:
                 if attack is None:
-                    pred, radius = self._clean(defense, xb)
+                    rows = None if certify_rows is None else certify_rows[start:start + batch].to(device)
+                    pred, radius = self._clean(defense, xb, rows)
                     adv_pred, norms = pred, torch.zeros(len(yb))
                 else:
                     pred = defense.predict(xb)
@@ -218,7 +239,9 @@ class Runner:
                 records.append(Record(
                     index=int(indices[start + i]), label=int(yb[i]), clean_pred=int(pred[i]),
                     adv_pred=int(adv_pred[i]), norm=float(norms[i]),
-                    radius=None if radius is None else float(radius[i]), seconds=seconds,
+                    radius=_radius_or_none(None if radius is None else radius[i],
+                                           certify_rows is None or bool(certify_rows[start + i])),
+                    seconds=seconds,
                     forward_passes=per_example))
         info = {"defense": defense_info, "device": str(device), "attack_kwargs": kwargs,
                 "randomized": bool(getattr(defense, "randomized", False)), "eot": bool(meta.get("eot", False)),
@@ -234,12 +257,26 @@ class Runner:
         return records, info
 
     @staticmethod
-    def _clean(defense: Defense, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Clean predictions, certified with radii when the defense can certify."""
-        if getattr(defense, "certified", False):
-            pred, radius = defense.certify(x)
-            return pred, radius
-        return defense.predict(x), None
+    def _clean(defense: Defense, x: torch.Tensor,
+               certify_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clean predictions (n,), and radii (n,) when the defense can certify.
+
+        With `certify_rows` (n,) bool only those rows are certified (their prediction is the
+        certified one) and the others are predicted with radius NaN, stored as "no certificate".
+        """
+        if not getattr(defense, "certified", False):
+            return defense.predict(x), None
+        if certify_rows is None:
+            return defense.certify(x)
+        pred = torch.empty(len(x), dtype=torch.long, device=x.device)
+        radius = torch.full((len(x),), math.nan)
+        if bool(certify_rows.any()):
+            certified_pred, certified_radius = defense.certify(x[certify_rows])
+            pred[certify_rows] = certified_pred.to(pred.device)
+            radius[certify_rows.cpu()] = certified_radius.cpu().to(radius.dtype)
+        if not bool(certify_rows.all()):
+            pred[~certify_rows] = defense.predict(x[~certify_rows]).to(pred.device)
+        return pred, radius
 
     @staticmethod
     def _check_output(cell: Cell, x_adv: Any, x: torch.Tensor, threat, meta: dict[str, Any]) -> None:

@@ -116,7 +116,10 @@ def accuracy_pivot(frame: pd.DataFrame) -> pd.DataFrame:
          if a != CLEAN})]
     pivot = text.pivot_table(index=["dataset", "defense"], columns="column", values="cell", aggfunc="first", sort=False)
     pivot = pivot.reindex(columns=[c for c in dict.fromkeys(order) if c in pivot.columns])
-    n = text.groupby(["dataset", "defense"], sort=False)["n"].max()
+    grouped = text.groupby(["dataset", "defense"], sort=False)["n"]
+    # Columns on nested subsets of different sizes (clean on all, attacks on fewer) show the range.
+    n = pd.Series([hi if lo == hi else f"{lo}-{hi}" for lo, hi in zip(grouped.min(), grouped.max())],
+                  index=grouped.max().index, dtype=object)
     pivot.insert(0, "n", n.reindex(pivot.index))
     return pivot.fillna("-").reset_index()
 

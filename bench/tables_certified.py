@@ -54,6 +54,8 @@ def certified_flags(cells: list[tuple[Cell, list[Record]]],
     for (dataset, defense), (cell, records) in clean_cells(cells).items():
         if not is_certified(records):
             continue
+        # A clean cell with `certify_examples` certifies a subset: only those rows are its sample.
+        records = [r for r in records if r.radius is not None]
         correct = np.array([r.clean_pred == r.label for r in records])
         radius = radii(records)
         for t in thresholds:

@@ -162,6 +162,9 @@ class Cell:
     max_steps: int | None = None
     defense_label: str = ""
     attack_label: str = ""
+    # Clean cells of certified defenses: certify only this nested stratified subset of the
+    # examples and predict the rest (None: certify all of them).
+    certify_examples: int | None = None
 
     def __post_init__(self) -> None:
         # Labels default to the registry names; they name rows and columns of the tables.
@@ -187,8 +190,11 @@ class Cell:
         }
 
     def config(self) -> dict[str, Any]:
-        """The full configuration as plain data."""
-        return asdict(self)
+        """The full configuration as plain data (certify_examples only when set, so older keys stay)."""
+        config = asdict(self)
+        if config["certify_examples"] is None:
+            del config["certify_examples"]
+        return config
 
 
 @dataclass(frozen=True)
