@@ -45,6 +45,25 @@ def write_mnist(root: Path, *, classes: Sequence[int] = range(10), per_class: in
     return out
 
 
+def write_fashion_mnist(root: Path, *, classes: Sequence[int] = range(10), per_class: int = 2,
+                        seed: int = 0) -> dict:
+    """FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte; returns {split: (x uint8 (N,1,28,28), y)}."""
+    rng = np.random.default_rng(seed)
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        y = np.repeat(np.asarray(classes, dtype=np.int64), per_class)
+        x = rng.integers(0, 256, (len(y), 1, 28, 28), dtype=np.uint8)
+        x[:, 0, 0, 0] = 10 * y + 3  # the label, readable from the image
+        x[:, 0, 27, 27] = 255
+        x[:, 0, 27, 26] = 0
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", x[:, 0])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y.astype(np.uint8))
+        out[split] = (x, y)
+    return out
+
+
 def _cifar_rows(x: np.ndarray) -> np.ndarray:
     """(N, 3, 32, 32) -> CIFAR's (N, 3072) rows: the red plane, then green, then blue, row-major."""
     return x.reshape(len(x), 3 * 32 * 32)
