@@ -8,7 +8,7 @@ within eps.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ class KeepMode(nn.Module):
         super().__init__()
         self.model = model
 
-    def train(self, mode: bool = True) -> "KeepMode":
+    def train(self, mode: bool = True) -> KeepMode:
         # Deliberately not recursive: the wrapped model keeps whatever mode the defense set.
         self.training = mode
         return self

@@ -1,4 +1,4 @@
-"""L1-APGD (Croce & Hein, ICCV 2021, "Mind the box"): sparse steepest-ascent steps with adaptive sparsity in the L1 ball."""
+"""L1-APGD (Croce & Hein, ICCV 2021, "Mind the box"): sparse steepest-ascent steps, adaptive sparsity, L1 ball."""
 from __future__ import annotations
 
 import math
@@ -94,7 +94,7 @@ def _l1_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Ten
     lengths = [math.ceil(share * steps) for _, share in schedule[:-1]]
     lengths.append(max(steps - sum(lengths), 0))
     done_steps, x_best = 0, start.clone()
-    for stage, ((scale, _), length) in enumerate(zip(schedule, lengths)):
+    for stage, ((scale, _), length) in enumerate(zip(schedule, lengths, strict=True)):
         final = stage == len(schedule) - 1
         ball = ThreatModel("l1", threat.eps * scale)
         eps = ball.eps
@@ -125,7 +125,8 @@ def _l1_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Ten
             grad[active] = new_grad
             better = new_loss > loss_best[active]
             improved = active[better]
-            loss_best[improved], x_best[improved], grad_best[improved] = new_loss[better], moved[better], new_grad[better]
+            loss_best[improved], x_best[improved] = new_loss[better], moved[better]
+            grad_best[improved] = new_grad[better]
             if (i + 1) % check_every == 0:
                 # Adapt sparsity and step size to how sparse the best point has become.
                 current = (x_best != x).flatten(1).sum(dim=1).to(x.dtype)

@@ -1,4 +1,4 @@
-"""Projected gradient descent (Madry et al. 2018) in L-inf, L2 and L1 balls, with restarts; registered for L-inf and L2."""
+"""Projected gradient descent (Madry et al. 2018) in L-inf, L2 and L1 balls, with restarts; registered for L-inf, L2."""
 from __future__ import annotations
 
 import torch

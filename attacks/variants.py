@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from attacks.apgd import apgd_l2, apgd_linf
 from attacks.apgd_l1 import apgd_l1

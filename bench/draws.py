@@ -6,7 +6,7 @@ overhead table times the code that certifies and the attacks differentiate throu
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ def noise_split(model: nn.Module) -> tuple[Stage, Stage, Stage]:
 
 
 def noisy_logits(model: nn.Module, h: torch.Tensor, draws: int, *, image_major: bool = False) -> torch.Tensor:
-    """Logits of `draws` noise draws of pre-noise activations h (n, ...): (draws, n, K), or (n, draws, K) if image_major.
+    """Logits of `draws` noise draws of pre-noise activations h (n, ...): (draws, n, K); (n, draws, K) if image_major.
 
     One batched post-noise forward of draws * n rows (differentiable in h). Draw-major rows (draw
     j of image i is row j*n + i) let a noise layer with `replicate` (PixelDP's NoiseLayer) write
