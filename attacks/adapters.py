@@ -1,16 +1,23 @@
-"""Adapters to torchattacks and ART attacks, registered as `<attack>@<library>` (libraries imported lazily)."""
+"""Adapters to torchattacks and ART attacks, registered as `<attack>@<library>` (libraries imported lazily).
+
+Each adapter is only the library call: the attack template (attacks.template) checks the norm,
+returns x at eps = 0 (or zero iterations), and re-projects the library's output into ball and box
+(the libraries clip in their own float arithmetic) or, for minimum-norm attacks, keeps it only
+within eps.
+"""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from attacks.cw import within_budget
-from bench.registry import ATTACKS
+from attacks.template import register_attack
 from bench.types import ThreatModel
+
+__all__ = ["KeepMode", "seeded"]
 
 
 class KeepMode(nn.Module):
@@ -21,7 +28,7 @@ class KeepMode(nn.Module):
         super().__init__()
         self.model = model
 
-    def train(self, mode: bool = True) -> "KeepMode":
+    def train(self, mode: bool = True) -> KeepMode:
         # Deliberately not recursive: the wrapped model keeps whatever mode the defense set.
         self.training = mode
         return self
@@ -59,11 +66,6 @@ def _step_size(threat: ThreatModel, steps: int, step_size: float | None) -> floa
     return 2.5 * threat.eps / max(steps, 1) if step_size is None else step_size
 
 
-def _check_norm(name: str, threat: ThreatModel, norm: str) -> None:
-    if threat.norm != norm:
-        raise ValueError(f"{name} is an {norm} attack; got a {threat.norm} threat model")
-
-
 def _art_classifier(model: nn.Module, x: torch.Tensor):
     """An ART PyTorchClassifier on [0,1] inputs around a mode-locked model."""
     from art.estimators.classification import PyTorchClassifier
@@ -79,145 +81,133 @@ def _art_run(attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(x_adv, dtype=x.dtype, device=x.device)
 
 
-def _fixed_output(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
-    # Libraries clip in their own float arithmetic; re-project so the runner's exact check holds.
-    return threat.project(x_adv.detach(), x)
-
-
 # --- torchattacks -------------------------------------------------------------------------------
 
+@register_attack("pgd_linf@torchattacks", norm="linf")
 def pgd_linf_torchattacks(model, x, y, *, threat: ThreatModel, steps: int = 40, step_size: float | None = None,
                           random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """torchattacks.PGD (L-inf, CE loss); step_size defaults to 2.5 eps / steps like ours."""
     import torchattacks
 
-    _check_norm("pgd_linf@torchattacks", threat, "linf")
-    if threat.eps == 0 or steps == 0:
-        return x.clone()
-    attack = torchattacks.PGD(KeepMode(model), eps=threat.eps, alpha=_step_size(threat, steps, step_size),
+    runner = torchattacks.PGD(KeepMode(model), eps=threat.eps, alpha=_step_size(threat, steps, step_size),
                               steps=steps, random_start=random_start)
     with seeded(generator, x.device):
-        return _fixed_output(attack(x, y), x, threat)
+        return runner(x, y)
 
 
+@register_attack("pgd_l2@torchattacks", norm="l2")
 def pgd_l2_torchattacks(model, x, y, *, threat: ThreatModel, steps: int = 40, step_size: float | None = None,
                         random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """torchattacks.PGDL2 (CE loss)."""
     import torchattacks
 
-    _check_norm("pgd_l2@torchattacks", threat, "l2")
-    if threat.eps == 0 or steps == 0:
-        return x.clone()
-    attack = torchattacks.PGDL2(KeepMode(model), eps=threat.eps, alpha=_step_size(threat, steps, step_size),
+    runner = torchattacks.PGDL2(KeepMode(model), eps=threat.eps, alpha=_step_size(threat, steps, step_size),
                                 steps=steps, random_start=random_start)
     with seeded(generator, x.device):
-        return _fixed_output(attack(x, y), x, threat)
+        return runner(x, y)
 
 
+@register_attack("pgd_linf_eot@torchattacks", norm="linf", eot=True)
 def pgd_linf_eot_torchattacks(model, x, y, *, threat: ThreatModel, steps: int = 40, step_size: float | None = None,
                               draws: int = 20, random_start: bool = True,
                               generator: torch.Generator | None = None) -> torch.Tensor:
     """torchattacks.EOTPGD: L-inf PGD summing gradients over `draws` sequential forward passes."""
     import torchattacks
 
-    _check_norm("pgd_linf_eot@torchattacks", threat, "linf")
-    if threat.eps == 0 or steps == 0:
-        return x.clone()
-    attack = torchattacks.EOTPGD(KeepMode(model), eps=threat.eps, alpha=_step_size(threat, steps, step_size),
+    runner = torchattacks.EOTPGD(KeepMode(model), eps=threat.eps, alpha=_step_size(threat, steps, step_size),
                                  steps=steps, eot_iter=draws, random_start=random_start)
     with seeded(generator, x.device):
-        return _fixed_output(attack(x, y), x, threat)
+        return runner(x, y)
 
 
+@register_attack("cw_l2@torchattacks", norm="l2", minimum_norm=True)
 def cw_l2_torchattacks(model, x, y, *, threat: ThreatModel, c: float = 1.0, kappa: float = 0.0, steps: int = 100,
                        lr: float = 1e-2, generator: torch.Generator | None = None) -> torch.Tensor:
     """torchattacks.CW: one fixed c, no binary search; its best adversarial found (else x)."""
     import torchattacks
 
-    _check_norm("cw_l2@torchattacks", threat, "l2")
-    if threat.eps == 0 or steps == 0:
-        return x.clone()
-    attack = torchattacks.CW(KeepMode(model), c=c, kappa=kappa, steps=steps, lr=lr)
+    runner = torchattacks.CW(KeepMode(model), c=c, kappa=kappa, steps=steps, lr=lr)
     with seeded(generator, x.device):
-        return within_budget(attack(x, y).detach(), x, threat)
+        return runner(x, y)
+
+
+_LIBRARY_NORMS = {"linf": "Linf", "l2": "L2"}
 
 
 def _autoattack(norm: str):
-    def attack(model, x, y, *, threat: ThreatModel, version: str = "standard",
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def autoattack(model, x, y, *, threat: ThreatModel, version: str = "standard",
+                   generator: torch.Generator | None = None) -> torch.Tensor:
         import torchattacks
 
-        _check_norm(attack.__name__, threat, norm)
-        if threat.eps == 0:
-            return x.clone()
         with seeded(generator, x.device) as seed:
-            runner = torchattacks.AutoAttack(KeepMode(model), norm={"linf": "Linf", "l2": "L2"}[norm],
-                                             eps=threat.eps, version=version, n_classes=_classes(model, x), seed=seed)
-            return _fixed_output(runner(x, y), x, threat)
+            runner = torchattacks.AutoAttack(KeepMode(model), norm=_LIBRARY_NORMS[norm], eps=threat.eps,
+                                             version=version, n_classes=_classes(model, x), seed=seed)
+            return runner(x, y)
 
-    attack.__name__ = "autoattack@torchattacks" if norm == "linf" else "autoattack_l2@torchattacks"
-    attack.__doc__ = (f"torchattacks.AutoAttack ({norm}); version 'standard' (APGD-CE, APGD-T, FAB-T, Square), "
-                      "'plus', or 'rand' (APGD-CE/DLR with 20 EOT iterations, for randomized defenses).")
-    return attack
+    autoattack.__doc__ = (f"torchattacks.AutoAttack ({norm}); version 'standard' (APGD-CE, APGD-T, FAB-T, Square), "
+                          "'plus', or 'rand' (APGD-CE/DLR with 20 EOT iterations, for randomized defenses).")
+    return autoattack
 
 
 def _square(norm: str):
-    def attack(model, x, y, *, threat: ThreatModel, queries: int = 5000, restarts: int = 1, p_init: float = 0.8,
+    def square(model, x, y, *, threat: ThreatModel, queries: int = 5000, restarts: int = 1, p_init: float = 0.8,
                generator: torch.Generator | None = None) -> torch.Tensor:
         import torchattacks
 
-        _check_norm(attack.__name__, threat, norm)
-        if threat.eps == 0 or queries == 0:
-            return x.clone()
         with seeded(generator, x.device) as seed:
-            runner = torchattacks.Square(KeepMode(model), norm={"linf": "Linf", "l2": "L2"}[norm], eps=threat.eps,
+            runner = torchattacks.Square(KeepMode(model), norm=_LIBRARY_NORMS[norm], eps=threat.eps,
                                          n_queries=queries, n_restarts=restarts, p_init=p_init, loss="margin",
                                          seed=seed)
-            return _fixed_output(runner(x, y), x, threat)
+            return runner(x, y)
 
-    attack.__name__ = f"square_{norm}@torchattacks"
-    attack.__doc__ = (f"torchattacks.Square ({norm}, margin loss): the gradient-free score-based attack of Andriushchenko "
-                      "et al. 2020, used by bench.checks to detect gradient masking (it needs no gradients).")
-    return attack
+    square.__doc__ = (f"torchattacks.Square ({norm}, margin loss): the gradient-free score-based attack of "
+                      "Andriushchenko et al. 2020, used by bench.checks to detect gradient masking (it needs no "
+                      "gradients).")
+    return square
+
+
+register_attack("autoattack@torchattacks", _autoattack("linf"), norm="linf")
+register_attack("autoattack_l2@torchattacks", _autoattack("l2"), norm="l2")
+register_attack("square_linf@torchattacks", _square("linf"), norm="linf", idle=("queries",), gradient_free=True)
+register_attack("square_l2@torchattacks", _square("l2"), norm="l2", idle=("queries",), gradient_free=True)
 
 
 # --- ART ----------------------------------------------------------------------------------------
 
 def _pgd_art(norm: str):
-    def attack(model, x, y, *, threat: ThreatModel, steps: int = 40, step_size: float | None = None,
-               restarts: int = 1, random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    def pgd_art(model, x, y, *, threat: ThreatModel, steps: int = 40, step_size: float | None = None,
+                restarts: int = 1, random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
         from art.attacks.evasion import ProjectedGradientDescent
 
-        _check_norm(attack.__name__, threat, norm)
-        if threat.eps == 0 or steps == 0:
-            return x.clone()
         runner = ProjectedGradientDescent(_art_classifier(model, x), norm=np.inf if norm == "linf" else 2,
                                           eps=threat.eps, eps_step=_step_size(threat, steps, step_size),
                                           max_iter=steps, num_random_init=restarts if random_start else 0,
                                           batch_size=x.shape[0], verbose=False)
         with seeded(generator, x.device):
-            return _fixed_output(_art_run(runner, x, y), x, threat)
+            return _art_run(runner, x, y)
 
-    attack.__name__ = f"pgd_{norm}@art"
-    attack.__doc__ = f"ART ProjectedGradientDescent ({norm}, CE loss); `restarts` random starts when random_start."
-    return attack
+    pgd_art.__doc__ = f"ART ProjectedGradientDescent ({norm}, CE loss); `restarts` random starts when random_start."
+    return pgd_art
 
 
+register_attack("pgd_linf@art", _pgd_art("linf"), norm="linf")
+register_attack("pgd_l2@art", _pgd_art("l2"), norm="l2")
+
+
+@register_attack("cw_l2@art", norm="l2", minimum_norm=True)
 def cw_l2_art(model, x, y, *, threat: ThreatModel, steps: int = 100, binary_steps: int = 9, c: float = 1e-3,
               lr: float = 1e-2, kappa: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """ART CarliniL2Method (binary search over c, line search on the step); minimum-norm, else x."""
     from art.attacks.evasion import CarliniL2Method
 
-    _check_norm("cw_l2@art", threat, "l2")
-    if threat.eps == 0 or steps == 0:
-        return x.clone()
     runner = CarliniL2Method(_art_classifier(model, x), confidence=kappa, learning_rate=lr,
                              binary_search_steps=binary_steps, max_iter=steps, initial_const=c,
                              batch_size=x.shape[0], verbose=False)
     with seeded(generator, x.device):
-        return within_budget(_art_run(runner, x, y), x, threat)
+        return _art_run(runner, x, y)
 
 
+@register_attack("cw_linf@art", norm="linf", minimum_norm=True)
 def cw_linf_art(model, x, y, *, threat: ThreatModel, steps: int = 10, lr: float = 1e-2, kappa: float = 0.0,
                 decrease_factor: float = 0.9, c: float = 1e-5, largest_c: float = 20.0, c_factor: float = 2.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -228,27 +218,8 @@ def cw_linf_art(model, x, y, *, threat: ThreatModel, steps: int = 10, lr: float 
     """
     from art.attacks.evasion import CarliniLInfMethod
 
-    _check_norm("cw_linf@art", threat, "linf")
-    if threat.eps == 0 or steps == 0:
-        return x.clone()
     runner = CarliniLInfMethod(_art_classifier(model, x), confidence=kappa, learning_rate=lr, max_iter=steps,
                                decrease_factor=decrease_factor, initial_const=c, largest_const=largest_c,
                                const_factor=c_factor, batch_size=1, verbose=False)
     with seeded(generator, x.device):
-        return within_budget(_art_run(runner, x, y), x, threat)
-
-
-ATTACKS.register("pgd_linf@torchattacks", pgd_linf_torchattacks, norm="linf", minimum_norm=False, eot=False)
-ATTACKS.register("pgd_l2@torchattacks", pgd_l2_torchattacks, norm="l2", minimum_norm=False, eot=False)
-ATTACKS.register("pgd_linf_eot@torchattacks", pgd_linf_eot_torchattacks, norm="linf", minimum_norm=False, eot=True)
-ATTACKS.register("cw_l2@torchattacks", cw_l2_torchattacks, norm="l2", minimum_norm=True, eot=False)
-ATTACKS.register("autoattack@torchattacks", _autoattack("linf"), norm="linf", minimum_norm=False, eot=False)
-ATTACKS.register("autoattack_l2@torchattacks", _autoattack("l2"), norm="l2", minimum_norm=False, eot=False)
-ATTACKS.register("square_linf@torchattacks", _square("linf"), norm="linf", minimum_norm=False, eot=False,
-                 gradient_free=True)
-ATTACKS.register("square_l2@torchattacks", _square("l2"), norm="l2", minimum_norm=False, eot=False,
-                 gradient_free=True)
-ATTACKS.register("pgd_linf@art", _pgd_art("linf"), norm="linf", minimum_norm=False, eot=False)
-ATTACKS.register("pgd_l2@art", _pgd_art("l2"), norm="l2", minimum_norm=False, eot=False)
-ATTACKS.register("cw_l2@art", cw_l2_art, norm="l2", minimum_norm=True, eot=False)
-ATTACKS.register("cw_linf@art", cw_linf_art, norm="linf", minimum_norm=True, eot=False)
+        return _art_run(runner, x, y)

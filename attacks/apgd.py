@@ -1,7 +1,6 @@
 """Auto-PGD (Croce & Hein, ICML 2020): step-size-free PGD with momentum and checkpoints; CE and DLR losses."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -9,8 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.eot import judged_logits, set_progress
-from bench.registry import ATTACKS
+from attacks.losses import logit_margin, other_classes
+from attacks.template import register_attack, templated
 from bench.types import ThreatModel
+
+__all__ = ["auto_pgd", "apgd_linf", "apgd_l2", "checkpoints", "dlr_loss", "targeted_dlr_loss", "LOSSES"]
 
 LOSSES = ("ce", "dlr", "dlr_targeted")
 # Croce & Hein 2020, Sec. 3.2: momentum 0.75, step halved when fewer than rho of the steps since
@@ -37,9 +39,7 @@ def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Shift- and scale-invariant in the logits, so saturated softmaxes do not stall it. Needs K >= 3.
     """
     ordered, _ = logits.sort(dim=1, descending=True)
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
-    return -(true - others) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
+    return -logit_margin(logits, y) / (ordered[:, 0] - ordered[:, 2] + 1e-12)
 
 
 def targeted_dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -138,6 +138,7 @@ def _apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.T
     return result.detach(), found
 
 
+@templated(norms=("linf", "l2"))
 def auto_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel, steps: int = 100,
              loss: str = "ce", restarts: int = 1, target_classes: int = 9, random_start: bool = True,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -152,7 +153,7 @@ def auto_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Thre
         model: [0,1] images (N, C, H, W) -> logits (N, K); EOT(model) for randomized defenses.
         x: clean images (N, C, H, W) in [0, 1]; never modified.
         y: true labels (N,).
-        threat: the ball (norm 'linf' or 'l2', eps).
+        threat: the ball (norm 'linf' or 'l2', eps); the template projects the output into it.
         steps: iterations per run (100 in AutoAttack).
         loss: 'ce', 'dlr' (untargeted) or 'dlr_targeted' (APGD-T over the top `target_classes`).
         restarts: random restarts per loss (and per target class).
@@ -162,8 +163,6 @@ def auto_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Thre
     """
     if loss not in LOSSES:
         raise ValueError(f"unknown APGD loss {loss!r}; use one of {LOSSES}")
-    if threat.eps == 0 or steps == 0:
-        return x.clone()
     x = x.detach()
     with torch.no_grad():
         clean_logits = model(x)
@@ -172,7 +171,7 @@ def auto_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Thre
         if classes < 4:
             raise ValueError(f"APGD-T (targeted DLR) needs at least 4 classes, the model has {classes}")
         # Targets: the clean point's k-th most likely classes other than the truth (AutoAttack's order).
-        ranked = clean_logits.masked_fill(F.one_hot(y, classes).bool(), float("-inf")).argsort(dim=1, descending=True)
+        ranked = other_classes(clean_logits, y).argsort(dim=1, descending=True)
         target_sets = [ranked[:, k] for k in range(min(target_classes, classes - 1))]
     else:
         target_sets = [None]
@@ -197,7 +196,7 @@ def auto_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Thre
             best[todo] = x_adv
         best[todo[found]] = x_adv[found]
         robust[todo[found]] = False
-    return threat.project(best, x).detach()
+    return best
 
 
 def _objective(loss: str, targets: torch.Tensor | None):
@@ -209,19 +208,5 @@ def _objective(loss: str, targets: torch.Tensor | None):
     return lambda logits, labels, rows: dlr_loss(logits, labels)
 
 
-def _fixed(norm: str):
-    @functools.wraps(auto_pgd)  # keeps the signature for config validation
-    def attack(model, x, y, *, threat: ThreatModel, **hparams):
-        if threat.norm != norm:
-            raise ValueError(f"this attack is {norm}; got a {threat.norm} threat model")
-        return auto_pgd(model, x, y, threat=threat, **hparams)
-
-    attack.__name__ = f"apgd_{norm}"
-    attack.__doc__ = f"APGD restricted to the {norm} ball (see auto_pgd)."
-    return attack
-
-
-apgd_linf = _fixed("linf")
-apgd_l2 = _fixed("l2")
-ATTACKS.register("apgd_linf", apgd_linf, norm="linf", minimum_norm=False, eot=False)
-ATTACKS.register("apgd_l2", apgd_l2, norm="l2", minimum_norm=False, eot=False)
+apgd_linf = register_attack("apgd_linf", auto_pgd, norm="linf")
+apgd_l2 = register_attack("apgd_l2", auto_pgd, norm="l2")

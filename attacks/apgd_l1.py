@@ -1,16 +1,18 @@
-"""L1-APGD (Croce & Hein, ICCV 2021, "Mind the box"): sparse steepest-ascent steps with adaptive sparsity in the L1 ball."""
+"""L1-APGD (Croce & Hein, ICCV 2021, "Mind the box"): sparse steepest-ascent steps, adaptive sparsity, L1 ball."""
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attacks.apgd import LOSSES, _objective
 from attacks.eot import judged_logits, set_progress
-from bench.registry import ATTACKS
+from attacks.losses import other_classes
+from attacks.template import register_attack
 from bench.types import ThreatModel
+
+__all__ = ["apgd_l1", "sparse_direction"]
 
 # Croce & Hein 2021, Sec. 3.3 and their reference code: the sparsity k starts at 20% of the
 # coordinates; every 4% of the iterations it is reset to ||x_best - x||_0 / 1.5, the step size (first
@@ -92,7 +94,7 @@ def _l1_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Ten
     lengths = [math.ceil(share * steps) for _, share in schedule[:-1]]
     lengths.append(max(steps - sum(lengths), 0))
     done_steps, x_best = 0, start.clone()
-    for stage, ((scale, _), length) in enumerate(zip(schedule, lengths)):
+    for stage, ((scale, _), length) in enumerate(zip(schedule, lengths, strict=True)):
         final = stage == len(schedule) - 1
         ball = ThreatModel("l1", threat.eps * scale)
         eps = ball.eps
@@ -123,7 +125,8 @@ def _l1_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Ten
             grad[active] = new_grad
             better = new_loss > loss_best[active]
             improved = active[better]
-            loss_best[improved], x_best[improved], grad_best[improved] = new_loss[better], moved[better], new_grad[better]
+            loss_best[improved], x_best[improved] = new_loss[better], moved[better]
+            grad_best[improved] = new_grad[better]
             if (i + 1) % check_every == 0:
                 # Adapt sparsity and step size to how sparse the best point has become.
                 current = (x_best != x).flatten(1).sum(dim=1).to(x.dtype)
@@ -137,6 +140,7 @@ def _l1_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Ten
     return result.detach(), found
 
 
+@register_attack("apgd_l1", norm="l1")
 def apgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel, steps: int = 100,
             loss: str = "ce", restarts: int = 1, target_classes: int = 9, random_start: bool = True,
             large_eps_schedule: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -153,7 +157,7 @@ def apgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Threa
         model: [0,1] images (N, C, H, W) -> logits (N, K); EOT(model) for randomized defenses.
         x: clean images (N, C, H, W) in [0, 1]; never modified.
         y: true labels (N,).
-        threat: an L1 threat model (eps in [0,1]-pixel units).
+        threat: an L1 threat model (eps in [0,1]-pixel units); the template projects the output into it.
         steps: iterations per run (100, as in AutoAttack's L1 version).
         loss: 'ce', 'dlr' (untargeted) or 'dlr_targeted' (over the top `target_classes` classes).
         restarts: random restarts per loss (and per target class).
@@ -162,12 +166,8 @@ def apgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Threa
         large_eps_schedule: 30% of the steps at 3 eps and 30% at 2 eps before eps (AutoAttack's L1 setting).
         generator: drives the random starts.
     """
-    if threat.norm != "l1":
-        raise ValueError(f"apgd_l1 is an l1 attack; got a {threat.norm} threat model")
     if loss not in LOSSES:
         raise ValueError(f"unknown APGD loss {loss!r}; use one of {LOSSES}")
-    if threat.eps == 0 or steps == 0:
-        return x.clone()
     x = x.detach()
     with torch.no_grad():
         clean_logits = model(x)
@@ -175,7 +175,7 @@ def apgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Threa
     if loss == "dlr_targeted":
         if classes < 4:
             raise ValueError(f"L1-APGD-T (targeted DLR) needs at least 4 classes, the model has {classes}")
-        ranked = clean_logits.masked_fill(F.one_hot(y, classes).bool(), float("-inf")).argsort(dim=1, descending=True)
+        ranked = other_classes(clean_logits, y).argsort(dim=1, descending=True)
         target_sets = [ranked[:, k] for k in range(min(target_classes, classes - 1))]
     else:
         target_sets = [None]
@@ -201,7 +201,4 @@ def apgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Threa
             best[todo] = x_adv
         best[todo[found]] = x_adv[found]
         robust[todo[found]] = False
-    return threat.project(best, x).detach()
-
-
-ATTACKS.register("apgd_l1", apgd_l1, norm="l1", minimum_norm=False, eot=False)
+    return best

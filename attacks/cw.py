@@ -4,12 +4,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from attacks.eot import judged_logits, set_progress
-from bench.registry import ATTACKS
+from attacks.losses import logit_margin
+from attacks.template import register_attack
 from bench.types import ThreatModel
+
+__all__ = ["margin_loss", "pick_targets", "carlini_wagner_l2", "cw_l2", "cw_l2_paper", "PAPER"]
 
 # atanh(+-1) is infinite: squeeze [0,1] slightly inside before the change of variables (as the original).
 TANH_SMOOTH = 1 - 1e-6
@@ -27,17 +29,15 @@ PAPER = {"steps": 100, "binary_steps": 9, "c": 1e-3, "lr": 1e-2}
 def margin_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
     """CW objective f6 before the kappa cap (N,): negative exactly when the attack has succeeded.
 
-    Untargeted: Z_y - max_{i != y} Z_i; targeted: max_{i != t} Z_i - Z_t. The excluded logit is
-    masked with -inf, never 0 (torchattacks' masking is wrong when all logits are negative).
+    Untargeted: Z_y - max_{i != y} Z_i; targeted: max_{i != t} Z_i - Z_t (both from `logit_margin`).
 
     Args:
         logits: (N, K).
         labels: (N,) true labels (untargeted) or target labels (targeted).
         targeted: which of the two objectives.
     """
-    chosen = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
-    return others - chosen if targeted else chosen - others
+    margin = logit_margin(logits, labels)
+    return -margin if targeted else margin
 
 
 def pick_targets(logits_shape: tuple[int, int], y: torch.Tensor, mode: str,
@@ -52,16 +52,6 @@ def pick_targets(logits_shape: tuple[int, int], y: torch.Tensor, mode: str,
         return (y + 1) % classes
     shift = torch.randint(1, classes, y.shape, generator=generator, device=y.device)
     return (y + shift) % classes
-
-
-def within_budget(x_adv: torch.Tensor, x: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
-    """Minimum-norm output under a finite budget: x itself where x_adv is outside the box or the eps-ball."""
-    x_adv = x_adv.clamp(0.0, 1.0)
-    if math.isinf(threat.eps):
-        return x_adv
-    # Allow float32 round-off of the norm; anything clearly larger counts as a failure at this eps.
-    outside = threat.norm_of(x_adv - x) > threat.eps * (1 + 1e-6)
-    return torch.where(outside.view(-1, *([1] * (x.dim() - 1))), x, x_adv)
 
 
 def carlini_wagner_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int = STEPS,
@@ -160,6 +150,7 @@ def carlini_wagner_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
     return best, best_l2.sqrt()
 
 
+@register_attack("cw_l2", norm="l2", minimum_norm=True, idle=("steps", "binary_steps"))
 def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel, steps: int = STEPS,
           binary_steps: int = BINARY_STEPS, c: float = C0, lr: float = LR, kappa: float = 0.0, target: str = "none",
           abort_early: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -173,18 +164,15 @@ def cw_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatM
         target: 'none' (untargeted), 'next' ((y+1) mod K) or 'random' (drawn with `generator`).
         generator: drives the random targets.
     """
-    if threat.norm != "l2":
-        raise ValueError(f"cw_l2 is an l2 attack; got a {threat.norm} threat model")
-    if threat.eps == 0 or steps == 0 or binary_steps == 0:
-        return x.clone()
     with torch.no_grad():
         shape = model(x[:1]).shape
     targets = pick_targets((x.shape[0], shape[1]), y, target, generator)
     x_adv, _ = carlini_wagner_l2(model, x, y, steps=steps, binary_steps=binary_steps, c=c, lr=lr, kappa=kappa,
                                  target=targets, abort_early=abort_early)
-    return within_budget(x_adv, x, threat)
+    return x_adv
 
 
+@register_attack("cw_l2_paper", norm="l2", minimum_norm=True, idle=("steps", "binary_steps"), preset_of="cw_l2")
 def cw_l2_paper(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel,
                 steps: int = PAPER["steps"], binary_steps: int = PAPER["binary_steps"], c: float = PAPER["c"],
                 lr: float = PAPER["lr"], kappa: float = 0.0, target: str = "none", abort_early: bool = True,
@@ -197,6 +185,3 @@ def cw_l2_paper(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: T
     return cw_l2(model, x, y, threat=threat, steps=steps, binary_steps=binary_steps, c=c, lr=lr, kappa=kappa,
                  target=target, abort_early=abort_early, generator=generator)
 
-
-ATTACKS.register("cw_l2", cw_l2, norm="l2", minimum_norm=True, eot=False)
-ATTACKS.register("cw_l2_paper", cw_l2_paper, norm="l2", minimum_norm=True, eot=False, preset_of="cw_l2")

@@ -5,10 +5,13 @@ import torch
 from torch import nn
 
 from attacks.pgd import projected_gradient_descent
-from bench.registry import ATTACKS
+from attacks.template import register_attack
 from bench.types import ThreatModel
 
+__all__ = ["cw_linf"]
 
+
+@register_attack("cw_linf", norm="linf", projected=True)
 def cw_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel, steps: int = 100,
             step_size: float | None = None, restarts: int = 1, random_start: bool = True,
             generator: torch.Generator | None = None) -> torch.Tensor:
@@ -25,10 +28,5 @@ def cw_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Threa
         threat: an L-inf threat model (norm 'linf', eps).
         steps, step_size, restarts, random_start, generator: as in `projected_gradient_descent`.
     """
-    if threat.norm != "linf":
-        raise ValueError(f"cw_linf is an linf attack; got a {threat.norm} threat model")
     return projected_gradient_descent(model, x, y, threat=threat, steps=steps, step_size=step_size,
                                       restarts=restarts, random_start=random_start, loss="cw", generator=generator)
-
-
-ATTACKS.register("cw_linf", cw_linf, norm="linf", minimum_norm=False, eot=False)

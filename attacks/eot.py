@@ -6,6 +6,10 @@ import math
 import torch
 from torch import nn
 
+from bench.draws import noise_split, noisy_logits
+
+__all__ = ["EOT", "AVERAGES", "set_progress", "judged_logits"]
+
 AVERAGES = ("softmax", "logits")
 
 
@@ -74,19 +78,14 @@ class EOT(nn.Module):
             self.draws = current
 
     def draw_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of every draw, (N, draws, K): batched passes over N * draws rows in all."""
-        split = all(hasattr(self.model, name) for name in ("pre_noise", "noise", "post_noise"))
-        h = self.model.pre_noise(x) if split else x
+        """Logits of every draw, (N, draws, K): bench.draws.noisy_logits over N * draws rows in all, chunked."""
+        pre_noise, _, _ = noise_split(self.model)
+        h = pre_noise(x)
         # Whole images per call; torch.split (unlike slicing) back-propagates without a full-size
         # zero gradient per chunk, and replicating per chunk bounds the peak memory.
         chunk = self.chunk or (8192 if x.is_cuda else 512)
         images = max(1, chunk // self.draws)
-        parts = []
-        for piece in h.split(images):
-            replicated = piece.repeat_interleave(self.draws, dim=0)  # rows of one image are adjacent
-            logits = self.model.post_noise(self.model.noise(replicated)) if split else self.model(replicated)
-            parts.append(logits.view(piece.shape[0], self.draws, -1))
-        return torch.cat(parts)
+        return torch.cat([noisy_logits(self.model, piece, self.draws, image_major=True) for piece in h.split(images)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.draw_logits(x)

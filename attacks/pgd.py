@@ -1,14 +1,14 @@
-"""Projected gradient descent (Madry et al. 2018) for L2 and L-inf balls, with restarts."""
+"""Projected gradient descent (Madry et al. 2018) in L-inf, L2 and L1 balls, with restarts; registered for L-inf, L2."""
 from __future__ import annotations
-
-import functools
 
 import torch
 from torch import nn
 
 from attacks.losses import get_loss
-from bench.registry import ATTACKS
-from bench.types import ThreatModel
+from attacks.template import register_attack, templated
+from bench.types import NORMS, ThreatModel
+
+__all__ = ["projected_gradient_descent", "pgd_linf", "pgd_l2"]
 
 
 def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
@@ -19,11 +19,15 @@ def _ascent_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
     return grad / flat.view(-1, *([1] * (grad.dim() - 1)))
 
 
+@templated(norms=NORMS, projected=True)
 def projected_gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel,
                                steps: int = 40, step_size: float | None = None, restarts: int = 1,
                                random_start: bool = True, loss: str = "ce",
                                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Untargeted PGD; returns x_adv (N, C, H, W) inside the threat ball and [0,1].
+    """Untargeted PGD in an L-inf, L2 or L1 ball; returns x_adv (N, C, H, W) inside the ball and [0,1].
+
+    Every iterate is projected (ThreatModel.project); for L1 the step is the normalized gradient,
+    which attacks.apgd_l1's sparse steps beat.
 
     Args:
         model: [0,1] images (N, C, H, W) -> logits (N, K).
@@ -37,8 +41,6 @@ def projected_gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tenso
         loss: 'ce' (cross-entropy) or 'cw' (Carlini-Wagner margin).
         generator: drives the random starts, for seeded determinism.
     """
-    if threat.eps == 0 or steps == 0:
-        return x.clone()
     objective = get_loss(loss)
     step_size = 2.5 * threat.eps / steps if step_size is None else step_size
     best = x.clone()
@@ -62,17 +64,5 @@ def projected_gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tenso
     return best.detach()
 
 
-def _fixed_norm(norm: str):
-    @functools.wraps(projected_gradient_descent)  # keeps the signature for config validation
-    def attack(model, x, y, *, threat: ThreatModel, **hparams):
-        if threat.norm != norm:
-            raise ValueError(f"this attack is {norm}; got a {threat.norm} threat model")
-        return projected_gradient_descent(model, x, y, threat=threat, **hparams)
-
-    attack.__doc__ = f"PGD restricted to the {norm} ball (see projected_gradient_descent)."
-    attack.__name__ = f"pgd_{norm}"
-    return attack
-
-
-ATTACKS.register("pgd_linf", _fixed_norm("linf"), norm="linf", minimum_norm=False, eot=False)
-ATTACKS.register("pgd_l2", _fixed_norm("l2"), norm="l2", minimum_norm=False, eot=False)
+pgd_linf = register_attack("pgd_linf", projected_gradient_descent, norm="linf")
+pgd_l2 = register_attack("pgd_l2", projected_gradient_descent, norm="l2")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.losses import logit_margin
 from bench.defense import certified_norm
 from bench.registry import ATTACKS, DEFENSES
 from bench.tables import correctness_columns
@@ -65,10 +66,8 @@ def zero_gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
     """
     x = x.detach().clone().requires_grad_(True)
     logits = model(x)
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
     ce_grad, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x, retain_graph=True)
-    margin_grad, = torch.autograd.grad((others - true).sum(), x)
+    margin_grad, = torch.autograd.grad(logit_margin(logits, y).sum(), x)
     return {name: float((grad.flatten(1).norm(dim=1) < ZERO_GRADIENT).float().mean())
             for name, grad in (("ce", ce_grad), ("margin", margin_grad))}
 

@@ -9,29 +9,25 @@ from torch import nn
 
 DRAWS = (1, 10, 100, 1000)
 ROW_BUDGET = 2000  # rows pushed through the post-noise network per timing; bounds time and memory
-CHUNK = 1024
 
 
-@torch.no_grad()
-def monte_carlo_predict(model: nn.Module, x: torch.Tensor, draws: int, chunk: int = CHUNK) -> torch.Tensor:
-    """Labels (N,) from the mean softmax over `draws` noise draws, as a randomized defense predicts.
+def monte_carlo_predict(model: nn.Module, x: torch.Tensor, draws: int, chunk_rows: int = 2048) -> torch.Tensor:
+    """Labels (N,) from the mean softmax over `draws` noise draws: PixelDP's own prediction code path.
+
+    Runs defenses.pixeldp.sampling.sample (pre-noise once per image, blocked draws through
+    bench.draws.noisy_logits, float64 statistics), exactly what `PixelDP.predict` times.
 
     Args:
         model: an `ImageClassifier` (the pre-noise part runs once per image and only the noise and
             post-noise part are replicated) or any module mapping (N, C, H, W) to logits (N, K).
         x: images (N, C, H, W) in [0, 1].
         draws: noise draws per image (PixelDP's n; 1, 10, 100, 1000 in the paper's Sec. IV-E).
-        chunk: rows per forward pass, bounding memory.
+        chunk_rows: most rows per forward pass, bounding memory (PixelDP's default).
     """
-    split = all(hasattr(model, name) for name in ("pre_noise", "noise", "post_noise"))
-    h = model.pre_noise(x) if split else x
-    replicated = h.repeat_interleave(draws, dim=0)
-    parts = []
-    for start in range(0, replicated.shape[0], chunk):
-        piece = replicated[start:start + chunk]
-        logits = model.post_noise(model.noise(piece)) if split else model(piece)
-        parts.append(logits.softmax(dim=1))
-    return torch.cat(parts).view(x.shape[0], draws, -1).mean(dim=1).argmax(dim=1)
+    from defenses.pixeldp.sampling import sample  # late: importing defenses registers every defense and attack
+
+    samples = sample(model, x, draws, chunk_rows=chunk_rows)
+    return torch.as_tensor(samples.mean.argmax(axis=1), device=x.device)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -7,6 +7,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.draws import noise_split, noisy_logits
+
+__all__ = ["Samples", "sample", "block_rows", "CPU_BLOCK_BYTES"]
+
 # CPU: the noised activations of one post-noise forward are kept to about this many bytes, so the
 # noise, the ReLU after it and the next layer's inputs stay in the L2/L3 caches instead of
 # streaming through memory. Measured on the paper's MNIST CNN (6,272 noised floats per row):
@@ -32,17 +36,19 @@ class Samples:
 def sample(model: nn.Module, x: torch.Tensor, draws: int, *, chunk_rows: int = 2048) -> Samples:
     """Push `draws` independent noise draws of every image of x (N, C, H, W) through the noisy part.
 
-    `model` is a bench.models.ImageClassifier whose `noise` is a NoiseLayer: the deterministic
-    `pre_noise` runs ONCE per image, then blocks of noisy copies (at most `chunk_rows` rows per
-    forward, fewer on CPU: see `block_rows`) go through `post_noise`. Draws come from the noise
-    layer's generator; the statistics do not depend on the blocking.
+    `model` is a bench.models.ImageClassifier whose `noise` is a NoiseLayer (any other model counts
+    as all post-noise, see bench.draws.noise_split): the deterministic `pre_noise` runs ONCE per
+    image, then blocks of noisy copies (at most `chunk_rows` rows per forward, fewer on CPU: see
+    `block_rows`) go through bench.draws.noisy_logits. Draws come from the noise layer's
+    generator; the statistics do not depend on the blocking.
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
+    pre_noise, _, _ = noise_split(model)
     per_chunk = max(1, chunk_rows)
     parts = []
     for i in range(0, x.shape[0], per_chunk):
-        h = model.pre_noise(x[i:i + per_chunk])
+        h = pre_noise(x[i:i + per_chunk])
         rows = block_rows(h, per_chunk)
         parts += [_sample_images(model, h[j:j + rows], draws, rows) for j in range(0, h.shape[0], rows)]
     return Samples(mean=np.concatenate([p[0] for p in parts]), variance=np.concatenate([p[1] for p in parts]),
@@ -66,11 +72,7 @@ def _sample_images(model: nn.Module, h: torch.Tensor, draws: int, rows: int):
     total = sumsq = counts = None
     for done in range(0, draws, block):
         d = min(block, draws - done)
-        if hasattr(model.noise, "replicate"):
-            noisy = model.noise.replicate(h, d)
-        else:
-            noisy = model.noise(h.repeat(d, *([1] * (h.dim() - 1))))
-        probs = model.post_noise(noisy).float().softmax(dim=1).view(d, n, -1)
+        probs = noisy_logits(model, h, d).float().softmax(dim=2)  # (d, n, K)
         votes = torch.zeros_like(probs[0]).scatter_add_(
             1, probs.argmax(dim=2).T, torch.ones(n, d, device=probs.device, dtype=probs.dtype))
         # Accumulate in float64: the variance is a difference of two large sums.
