@@ -21,6 +21,8 @@ from bench.cache import CacheError
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
 from bench.store import Store, StoreError
 
+__all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
+
 USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, FloatingPointError,
                CacheError, IncompleteCellError, PluginError)
 STORE_NAME = "store.sqlite"

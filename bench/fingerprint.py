@@ -17,7 +17,7 @@ import hashlib
 import inspect
 import sysconfig
 import types
-from functools import lru_cache
+from functools import cache
 from functools import partial as functools_partial
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ def _references(obj: Any) -> list[Any]:
 
 def _cell_filled(cell: types.CellType) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents  # an empty cell (a closure variable not assigned yet) raises ValueError
     except ValueError:
         return False
     return True
@@ -160,7 +160,7 @@ class _StripDocstrings(ast.NodeTransformer):
     visit_Module = visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _strip
 
 
-@lru_cache(maxsize=None)
+@cache
 def _digest_cached(path: str, mtime_ns: int, size: int) -> str:
     text = Path(path).read_text(encoding="utf-8")
     try:

@@ -1,5 +1,4 @@
 """The CLI end to end on a tiny profile: tables, reuse of finished cells, and one-line errors."""
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +95,8 @@ def test_unreadable_store_is_reported_and_untouched(tiny_profile, tmp_path, caps
 
 
 def test_console_script_and_module_entry_points(tmp_path):
-    for command in ([str(Path(sys.executable).parent / "pixeldp-bench"), "list"], [sys.executable, "-m", "bench", "list"]):
+    script = str(Path(sys.executable).parent / "pixeldp-bench")
+    for command in ([script, "list"], [sys.executable, "-m", "bench", "list"]):
         out = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "undefended" in out.stdout and "pgd_linf" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "bench", "run", "smok"], capture_output=True, text=True, timeout=120)

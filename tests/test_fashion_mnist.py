@@ -1,8 +1,8 @@
 """Fashion-MNIST read from tiny IDX files in torchvision's FashionMNIST/raw/ layout: pixels, labels, errors."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
