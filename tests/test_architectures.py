@@ -47,6 +47,11 @@ class AddConstant(nn.Module):
         return h + self.value
 
 
+def test_cheap_settings_name_registered_architectures():
+    """A renamed architecture must fail here, not silently fall back to its expensive defaults."""
+    assert set(CHEAP) <= set(MODELS.names())
+
+
 @pytest.mark.parametrize("name", MODELS.names())
 def test_stem_and_noise_slot_interface(name):
     model, shape = _cheap(name)

@@ -13,8 +13,6 @@ from bench.cli import main
 from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.types import ThreatModel
 
-pytest.importorskip("pixeldp_bench_example_plugin", reason="tox.ini installs tests/plugin_pkg into the test env")
-
 PROFILE = """
 [run]
 examples = 20
@@ -36,7 +34,8 @@ def cli(*args) -> int:
 
 def test_example_plugin_is_an_installed_entry_point():
     entries = importlib.metadata.entry_points(group=plugins.ENTRY_POINT_GROUP)
-    assert [e.value for e in entries if e.name == "example"] == ["pixeldp_bench_example_plugin"]
+    assert [e.value for e in entries if e.name == "example"] == ["pixeldp_bench_example_plugin"], (
+        "the example plugin is not installed: pip install -e tests/plugin_pkg (tox.ini's test env does)")
 
 
 def test_plugin_entries_are_listed(capsys):
