@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -157,3 +158,18 @@ def test_a_broken_entry_point_fails_every_command_with_one_line(monkeypatch, cap
     err = capsys.readouterr().err
     assert "plugin 'no_such_entry_point_module' (entry point 'broken' of an unknown package) is not installed" in err
     assert "uninstall it" in err and err.count("\n") == 1
+
+
+def test_plugin_code_is_fingerprinted_even_from_site_packages(monkeypatch):
+    """Editing an installed plugin must change its cells' keys, as editing a built-in attack does."""
+    import pixeldp_bench_example_plugin as plugin
+
+    from bench import fingerprint
+
+    plugins.load_plugins()
+    plugin_file = Path(plugin.__file__).resolve()
+    # Pretend pip copied the plugin into site-packages (a library root, normally not fingerprinted).
+    monkeypatch.setattr(fingerprint, "_LIBRARY_ROOTS", (*fingerprint._LIBRARY_ROOTS, str(plugin_file.parents[1])))
+    assert plugin_file in fingerprint._closure(plugin.fast_gradient_sign)
+    monkeypatch.setattr(plugins, "_LOADED", {})  # the same package, not loaded as a plugin: library code
+    assert plugin_file not in fingerprint._closure(plugin.fast_gradient_sign)
