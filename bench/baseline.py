@@ -5,8 +5,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.store import Store
+from bench.store import Store, StoreError
 from bench.types import Cell, Record
+
+__all__ = ["FORMAT", "export_run", "load_export"]
 
 FORMAT = "pixeldp-bench-run/1"
 RECORD_FIELDS = ("index", "label", "clean_pred", "adv_pred", "norm", "radius", "seconds", "forward_passes")
@@ -32,17 +34,30 @@ def export_run(store: Store, run_id: str, path: Path) -> Path:
 
 
 def load_export(path: Path) -> tuple[Store, str]:
-    """An in-memory store holding the exported run, and its run id."""
-    payload: dict[str, Any] = json.loads(Path(path).read_text())
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a pixeldp-bench run export (format {payload.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+    """An in-memory store holding the exported run, and its run id; a bad file raises one StoreError line."""
+    try:
+        payload: dict[str, Any] = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(f"cannot read run export {path} ({type(exc).__name__}: {exc}); export the run again with "
+                         "`pixeldp-bench baseline`") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        raise StoreError(f"{path} is not a pixeldp-bench run export (format {found!r}, expected {FORMAT!r})")
+    try:
+        return _restore(payload)
+    except (KeyError, TypeError, ValueError) as exc:  # ValueError: record columns of different lengths
+        raise StoreError(f"run export {path} is damaged ({type(exc).__name__}: {exc}); export the run again with "
+                         "`pixeldp-bench baseline`") from exc
+
+
+def _restore(payload: dict[str, Any]) -> tuple[Store, str]:
+    """Replay an export's run, cells and records into an in-memory store."""
     run = payload["run"]
     store = Store(Path(":memory:"))
     keyed = [(c["key"], Cell(**c["config"])) for c in payload["cells"]]
     store.start_run(run["run_id"], run["profile"], run["settings"], run["environment"], keyed)
-    for (key, cell), entry in zip(keyed, payload["cells"]):
+    for (key, cell), entry in zip(keyed, payload["cells"], strict=True):
         columns = entry["records"]
-        records = [Record(*values) for values in zip(*(columns[f] for f in RECORD_FIELDS))]
+        records = [Record(*values) for values in zip(*(columns[f] for f in RECORD_FIELDS), strict=True)]
         store.write_cell(key, cell, records, entry["info"] or {})
     return store, run["run_id"]

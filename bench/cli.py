@@ -13,15 +13,18 @@ import torch
 from bench.config import ConfigError, load_profile, shipped_profiles
 from bench.data import REPO_ROOT, DatasetError
 from bench.environment import environment
+from bench.plugins import PluginError, load_plugins, loaded_plugins, run_plugins
 from bench.preflight import check_inputs
-from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
+from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError
 from bench.report import write_report
 from bench.cache import CacheError
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
 from bench.store import Store, StoreError
 
+__all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
+
 USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, FloatingPointError,
-               CacheError, IncompleteCellError)
+               CacheError, IncompleteCellError, PluginError)
 STORE_NAME = "store.sqlite"
 
 
@@ -140,8 +143,12 @@ def dry_run(args: argparse.Namespace, cells) -> int:
     return 0
 
 
+def load_run_plugins(store: Store, run_id: str) -> None:
+    """Import the `[run] plugins` a stored run was computed with: its tables read their registry entries."""
+    load_plugins(run_plugins(store.run_info(run_id)["settings"]))
+
+
 def cmd_list(args: argparse.Namespace) -> int:
-    load_builtins()
     if getattr(args, "models", False):
         from bench.archs import describe_models
 
@@ -166,6 +173,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:24s} {meta.get('norm', '?'):5s} {kind:13s}{' EOT' if meta.get('eot') else ''}")
     print("profiles:")
     print("  " + ", ".join(shipped_profiles()))
+    if loaded_plugins():
+        print("plugins:")
+        for module, origin in loaded_plugins().items():
+            print(f"  {module:24s} {origin}")
     return 0
 
 
@@ -178,6 +189,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (results / STORE_NAME).exists():
         raise StoreError(f"no results store at {results / STORE_NAME}; pass --results DIR or a run folder")
     store = Store(results / STORE_NAME, readonly=True)
+    load_run_plugins(store, run_id)
     out = results / run_id
     if not os.access(out if out.exists() else results, os.W_OK):
         out = Path(tempfile.mkdtemp(prefix=f"{run_id}-"))
@@ -194,6 +206,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     results = Path(args.results).resolve() if args.results else default_results_dir()
     base, new = open_run(args.base, results), open_run(args.new, results)
+    for store, run_id in (base, new):
+        load_run_plugins(store, run_id)
     for role, (store, run_id) in (("base", base), ("new", new)):
         missing = store.missing_cells(run_id)
         if missing:
@@ -218,6 +232,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
     results = Path(args.results).resolve() if args.results else default_results_dir()
     store, run_id = open_run(args.run, results)
+    load_run_plugins(store, run_id)
     if store.missing_cells(run_id):
         raise StoreError(f"run {run_id} is incomplete ({len(store.missing_cells(run_id))} cell(s) missing); finish it "
                          "by re-running its profile before exporting it as a baseline")
@@ -286,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        load_plugins()  # built-ins and installed entry-point plugins, before any name is looked up
         return args.func(args)
     except USER_ERRORS as exc:
         print(f"pixeldp-bench: error: {exc}", file=sys.stderr)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.keys import RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_attack_params, resolve_defense_params
+from bench.plugins import load_plugins
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
 from bench.types import Cell
 
 RUN_KEYS = {"name", "datasets", "examples", "certify_examples", "seed", "batch_size", "l_attack", "thresholds",
-            "description", "overhead_draws"}
+            "description", "overhead_draws", "plugins"}
 DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
 ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params", "examples"}
 # L1 in [0,1]-pixel units too: 10 is the budget of 10 MNIST pixels (of 784) flipped from 0 to 1.
@@ -305,6 +306,7 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
         raise ConfigError(f"profile {name!r} is not valid TOML: {exc}") from exc
     _check_keys(raw, {"run", "defenses", "attacks"}, "the profile's top level")
     run = _check_keys(raw.get("run", {}), RUN_KEYS, "[run]")
+    load_plugins(run.get("plugins", ()))  # bench.plugins: modules registering the profile's own names
     datasets = [str(d) for d in _as_list(run.get("datasets", ["mnist5k"]), "run.datasets")]
     for d in datasets:
         DATASETS.get(d)

@@ -11,6 +11,8 @@ import torch
 
 from bench import __version__
 
+__all__ = ["device_name", "environment", "git_commit"]
+
 
 def git_commit(folder: Path) -> str | None:
     """The checked-out commit of `folder` (with '+dirty' when modified), or None outside git."""

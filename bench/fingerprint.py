@@ -6,7 +6,8 @@ defense, architecture or training loop never reuses stale results, while an edit
 
 What counts: the file defining each object, and, transitively, the files of every function,
 class and module that object's code refers to by name (globals, closures, defaults, methods
-and base classes), stopping at installed libraries and the standard library. Files are
+and base classes), stopping at installed libraries and the standard library (a loaded plugin,
+bench.plugins, counts as ours wherever it is installed). Files are
 hashed as their syntax tree without docstrings, so comments, docstrings and formatting do not
 count.
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import inspect
+import sys
 import sysconfig
 import types
-from functools import lru_cache
+from functools import cache
 from functools import partial as functools_partial
 from pathlib import Path
 from typing import Any
@@ -33,8 +35,32 @@ _LIBRARY_ROOTS = tuple({str(Path(sysconfig.get_paths()[k]).resolve()) for k in (
 NOT_CELL_CODE = frozenset({"bench.fingerprint", "bench.keys", "bench.dryrun"})
 
 
+def _plugin_sources() -> tuple[str, ...]:
+    """Folders of the loaded plugin packages (and files of single-module plugins), resolved."""
+    from bench.plugins import loaded_plugins  # late: plugins load after this module is imported
+
+    return _sources_of(tuple(loaded_plugins()))
+
+
+@cache
+def _sources_of(modules: tuple[str, ...]) -> tuple[str, ...]:
+    sources = []
+    for name in modules:
+        top = sys.modules.get(name.split(".")[0])
+        if top is None:
+            continue
+        folders = list(getattr(top, "__path__", []))
+        sources += [str(Path(f).resolve()) + "/" for f in folders]
+        if not folders and getattr(top, "__file__", None):
+            sources.append(str(Path(str(top.__file__)).resolve()))
+    return tuple(sources)
+
+
 def _is_tracked(path: Path) -> bool:
     resolved = str(path.resolve())
+    # A user's plugin is the cell's own code even when pip installed it into site-packages.
+    if any(resolved == source or resolved.startswith(source) for source in _plugin_sources()):
+        return True
     return not any(resolved.startswith(root + "/") for root in _LIBRARY_ROOTS)
 
 
@@ -88,7 +114,7 @@ def _references(obj: Any) -> list[Any]:
 
 def _cell_filled(cell: types.CellType) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents  # an empty cell (a closure variable not assigned yet) raises ValueError
     except ValueError:
         return False
     return True
@@ -160,7 +186,7 @@ class _StripDocstrings(ast.NodeTransformer):
     visit_Module = visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _strip
 
 
-@lru_cache(maxsize=None)
+@cache
 def _digest_cached(path: str, mtime_ns: int, size: int) -> str:
     text = Path(path).read_text(encoding="utf-8")
     try:

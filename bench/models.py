@@ -6,16 +6,21 @@ puts a layer after it by assigning `model.noise`, without model-specific code.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from bench.registry import MODELS
 
+__all__ = ["ImageClassifier", "Normalize", "build_model", "cnn_small", "count_parameters"]
+
 
 class Normalize(nn.Module):
     """Per-channel (x - mean) / std held as buffers, so models accept [0,1] pixels."""
+
+    mean: torch.Tensor  # (1, C, 1, 1) buffer
+    std: torch.Tensor  # (1, C, 1, 1) buffer
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()

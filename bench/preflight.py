@@ -14,6 +14,8 @@ from bench.registry import DATASETS, DEFENSES
 from bench.types import Cell
 from bench.weights import WeightsError, file_sha256, resolve_path
 
+__all__ = ["check_inputs", "resolve_weights"]
+
 
 def profile_folder(profile: str) -> Path | None:
     """The folder of a profile given as a file (relative weights resolve there); None for a shipped profile."""
@@ -41,18 +43,18 @@ def _check_defense(cell: Cell) -> bool:
     try:
         defense = cls(DATASETS.get(cell.dataset), **cell.defense_params)
     except WeightsError as exc:
-        raise WeightsError(f"{where}: {exc}") from None
+        raise WeightsError(f"{where}: {exc}") from exc
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad parameters for defense {cell.defense!r} in {where}: {exc}") from None
+        raise ConfigError(f"bad parameters for defense {cell.defense!r} in {where}: {exc}") from exc
     if defense.weights is not None or defense.factory is not None:
         try:
             with torch.random.fork_rng(devices=[]):
                 model = defense.starting_model()
             defense.check_model(model)
         except WeightsError as exc:
-            raise WeightsError(f"{where}: {exc}") from None
+            raise WeightsError(f"{where}: {exc}") from exc
         except Exception as exc:  # the user's network does not fit the defense (e.g. no conv stem for PixelDP)
-            raise ConfigError(f"{where}: the model cannot be used ({type(exc).__name__}: {exc})") from None
+            raise ConfigError(f"{where}: the model cannot be used ({type(exc).__name__}: {exc})") from exc
     steps = defense.train_config.steps
     # --max-steps 0 (cell.max_steps == 0) is the user's explicit choice: the CLI warns instead.
     if steps == 0 and not defense.has_weights() and cell.max_steps != 0:
@@ -79,7 +81,7 @@ def check_inputs(profile: Profile, args: argparse.Namespace) -> Profile:
             try:
                 resolved[memo] = resolve_weights(cell.defense_params, base)
             except WeightsError as exc:
-                raise WeightsError(f"[defenses.{cell.defense_label}]: {exc}") from None
+                raise WeightsError(f"[defenses.{cell.defense_label}]: {exc}") from exc
         cells.append(dataclasses.replace(cell, defense_params=resolved[memo]))
     splits: dict[str, set[str]] = {}
     checked: set[str] = set()

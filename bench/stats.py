@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import beta
 
+__all__ = ["clopper_pearson"]
+
 
 def clopper_pearson(successes, trials, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Exact two-sided (1 - alpha) interval for a binomial proportion; arrays broadcast.

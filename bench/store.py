@@ -8,12 +8,15 @@ import socket
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bench.types import Cell, Record
+
+__all__ = ["ClaimOwner", "Store", "StoreError"]
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -58,7 +61,7 @@ class ClaimOwner:
     pid: int
 
     @classmethod
-    def this_process(cls) -> "ClaimOwner":
+    def this_process(cls) -> ClaimOwner:
         return cls(uuid.uuid4().hex, socket.gethostname(), os.getpid())
 
     def alive(self, heartbeat: float) -> bool:

@@ -8,14 +8,15 @@ run would have, and two runs with one seed train identical models.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from bench.data import gather
+from bench.data import dataset_size, gather
 from bench.defense import Defense
 from bench.types import derive_seed
 
@@ -24,9 +25,11 @@ __all__ = ["fit", "make_optimizer", "batches", "CHECKPOINT_SECONDS"]
 CHECKPOINT_SECONDS = 300.0  # training state is saved this often (and resumed from after a kill)
 
 
-def make_optimizer(model: nn.Module, defense: Defense) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+def make_optimizer(model: nn.Module,
+                   defense: Defense) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Adam or SGD(momentum, weight decay) with a step-wise /10 schedule at the milestones."""
     cfg = defense.train_config
+    optimizer: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
@@ -42,7 +45,7 @@ def batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device,
     Epoch e visits the examples in a permutation seeded by (seed, e); the last partial batch is
     dropped (unless the dataset is smaller than one batch), so step s's batch depends on s alone.
     """
-    n = len(dataset)
+    n = dataset_size(dataset)
     per_epoch = max(1, n // batch_size) if n >= batch_size else 1
     step = start_step
     while True:
@@ -54,9 +57,16 @@ def batches(dataset: Dataset, batch_size: int, seed: int, device: torch.device,
             step += 1
 
 
-def _noise_modules(model: nn.Module) -> list[nn.Module]:
-    """Modules that draw noise from a `generator` attribute (e.g. PixelDP's noise layer)."""
-    return [m for m in model.modules() if hasattr(m, "generator") and not isinstance(m, Defense)]
+@runtime_checkable
+class DrawsNoise(Protocol):
+    """A module that draws its noise from its `generator` attribute (e.g. PixelDP's noise layer)."""
+
+    generator: torch.Generator | None
+
+
+def _noise_modules(model: nn.Module) -> list[DrawsNoise]:
+    """The modules of `model` that draw noise (the training loop seeds their generator per step)."""
+    return [m for m in model.modules() if isinstance(m, DrawsNoise) and not isinstance(m, Defense)]
 
 
 def _training_state(model, optimizer, scheduler, defense: Defense, step: int, losses: list[float]) -> dict[str, Any]:

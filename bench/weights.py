@@ -5,13 +5,17 @@ import hashlib
 import importlib
 import pickle
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from bench.config import ConfigError
+
+__all__ = ["WeightsError", "call_factory", "file_sha256", "import_factory", "load_state", "map_keys",
+           "read_checkpoint", "resolve_path"]
 
 
 class WeightsError(ConfigError):
@@ -43,9 +47,11 @@ def import_factory(target: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise WeightsError(f"cannot import {module_name!r} for factory {target!r} ({exc}); put it on PYTHONPATH") from None
+        raise WeightsError(f"cannot import {module_name!r} for factory {target!r} ({exc}); "
+                           "put it on PYTHONPATH") from exc
     except Exception as exc:  # the user's module itself fails while importing
-        raise WeightsError(f"importing {module_name!r} for factory {target!r} raised {type(exc).__name__}: {exc}") from None
+        raise WeightsError(f"importing {module_name!r} for factory {target!r} raised "
+                           f"{type(exc).__name__}: {exc}") from exc
     if not callable(getattr(module, attribute, None)):
         raise WeightsError(f"{module_name!r} has no callable {attribute!r} (factory {target!r})")
     return getattr(module, attribute)
@@ -57,7 +63,7 @@ def call_factory(target: str, kwargs: Mapping[str, Any]) -> nn.Module:
     try:
         model = factory(**dict(kwargs))
     except Exception as exc:
-        raise WeightsError(f"factory {target!r} raised {type(exc).__name__}: {exc}") from None
+        raise WeightsError(f"factory {target!r} raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise WeightsError(f"factory {target!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -81,7 +87,7 @@ def read_checkpoint(path: Path, entry: str | None = None) -> dict[str, torch.Ten
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot read weights file {path}: {_why_unreadable(exc)}") from None
+        raise WeightsError(f"cannot read weights file {path}: {_why_unreadable(exc)}") from exc
     if entry is not None:
         if not isinstance(state, dict) or entry not in state:
             keys = sorted(map(str, state)) if isinstance(state, dict) else []

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pickle
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -14,7 +14,7 @@ from defenses.pixeldp.defense import PixelDP
 TRAIN_STEPS = 300
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trained_weights(L: float = 0.3, steps: int = TRAIN_STEPS) -> torch.nn.Module:
     """cnn_small trained with PixelDP noise (L, eps=1, delta=0.05) for `steps` steps, seeded."""
     torch.manual_seed(0)

@@ -75,6 +75,6 @@ def fill_store(store: Store, run_id: str = "synthetic-run") -> str:
     run = synthetic_run()
     keyed = [(cell_key(cell, {}), cell) for cell, _, _ in run]
     store.start_run(run_id, "synthetic", SETTINGS, ENVIRONMENT, keyed)
-    for (key, cell), (_, records, info) in zip(keyed, run):
+    for (key, cell), (_, records, info) in zip(keyed, run, strict=True):
         store.write_cell(key, cell, records, info)
     return run_id

@@ -1,5 +1,5 @@
 """The CLI end to end on a tiny profile: tables, reuse of finished cells, and one-line errors."""
-import os
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.cli import main
+from bench.cli import build_parser, main
 from bench.store import Store
 
 TINY = """
@@ -96,15 +96,39 @@ def test_unreadable_store_is_reported_and_untouched(tiny_profile, tmp_path, caps
 
 
 def test_console_script_and_module_entry_points(tmp_path):
-    for command in ([str(Path(sys.executable).parent / "pixeldp-bench"), "list"], [sys.executable, "-m", "bench", "list"]):
+    script = str(Path(sys.executable).parent / "pixeldp-bench")
+    for command in ([script, "list"], [sys.executable, "-m", "bench", "list"]):
         out = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "undefended" in out.stdout and "pgd_linf" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "bench", "run", "smok"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown profile" in bad.stderr
 
 
-def test_help_everywhere():
-    for args in (["--help"], ["run", "--help"], ["list", "--help"], ["report", "--help"]):
+# What each subcommand's --help must name (the README documents these; a renamed option fails here).
+HELP = {
+    None: ["run", "list", "report", "compare", "baseline"],
+    "run": ["profile", "--examples", "--max-steps", "--max-draws", "--seed", "--results", "--data-root", "--download",
+            "--device", "--batch-size", "--quiet", "--dry-run", "--checkpoint-every", "--threads"],
+    "list": ["--models"],
+    "report": ["run", "--results", "--robust-thresholds"],
+    "compare": ["base", "new", "--results", "--tolerance", "--alpha", "--correction", "--robust-thresholds", "--all",
+                "--out"],
+    "baseline": ["run", "--results", "--out"],
+}
+
+
+def test_help_everywhere(capsys):
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    subcommands = subparsers.choices
+    assert set(subcommands) == set(HELP) - {None}  # every subcommand's help is checked below
+    for command, words in HELP.items():
         with pytest.raises(SystemExit) as info:
-            main(args)
+            main(([command] if command else []) + ["--help"])
         assert info.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith("usage: pixeldp-bench" + (f" {command}" if command else ""))
+        missing = [w for w in words if w not in text]
+        assert not missing, f"{command or 'pixeldp-bench'} --help does not name {missing}"
+        if command:  # and every option the subcommand accepts appears in its help
+            options = {o for a in subcommands[command]._actions for o in a.option_strings}
+            assert options <= set(text.replace(",", " ").split())

@@ -88,7 +88,7 @@ def test_export_round_trip_keeps_every_record(tmp_path):
     path = export_run(store, run_id, tmp_path / "baseline.json")
     copy, copy_id = load_export(path)
     assert copy_id == run_id and copy.run_info(run_id)["settings"] == store.run_info(run_id)["settings"]
-    for (key, cell), (key2, cell2) in zip(store.run_cells(run_id), copy.run_cells(run_id)):
+    for (key, cell), (key2, cell2) in zip(store.run_cells(run_id), copy.run_cells(run_id), strict=True):
         assert key == key2 and cell == cell2
         assert store.records(key) == copy.records(key)
         assert store.cell_info(key) == copy.cell_info(key)

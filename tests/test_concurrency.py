@@ -28,7 +28,14 @@ params = { steps = STEPS, batch_size = 32 }
 NOISY = """
 [defenses.noisy]
 defense = "pixeldp"
-params = { L = 0.3, steps = STEPS, batch_size = 32, parseval_iters = 2, draws_certify = 40, draws_attack = 10, draws_predict = 5 }
+[defenses.noisy.params]
+L = 0.3
+steps = STEPS
+batch_size = 32
+parseval_iters = 2
+draws_certify = 40
+draws_attack = 10
+draws_predict = 5
 """
 PGD = """
 [attacks.pgd_linf]
@@ -139,7 +146,7 @@ def test_sigkill_at_five_random_moments_ends_like_an_uninterrupted_run(tmp_path)
     faulty = tmp_path / "faulty"
     rng = random.Random(7)
     resumed_training = False
-    for attempt in range(5):
+    for _ in range(5):
         proc = launch(profile, faulty, "--checkpoint-every", "0.25")
         started = time.monotonic()
         lines = []

@@ -211,9 +211,8 @@ def test_autocast_is_refused():
     net = random_net(0, "conv").float()
     x = images(0, 2, (1, 6, 6)).float()
     y = torch.zeros(2, dtype=torch.long)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.raises(BoundError, match="autocast"):
-            margin_lower_bounds(net, x, y, norm="linf", eps=0.1, method="crown")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(BoundError, match="autocast"):
+        margin_lower_bounds(net, x, y, norm="linf", eps=0.1, method="crown")
 
 
 def test_only_float32_and_float64():

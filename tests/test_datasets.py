@@ -29,7 +29,7 @@ def test_small_formats_round_trip_exactly(tmp_path, name, split):
     expected_x, expected_y = WRITERS[name](tmp_path)[split]
     x, y = _everything(load_split(name, split, tmp_path))
     assert x.dtype == torch.float32 and tuple(x.shape) == (len(expected_y), *SHAPES[name])
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     # Every pixel, in the right channel, row and column order, next to its own label.
     assert np.array_equal(torch.round(x * 255).to(torch.uint8).numpy(), expected_x)
     assert y.tolist() == expected_y.tolist()
@@ -58,13 +58,13 @@ def test_imagenet_folders_decode_to_centre_crops_with_global_labels(tmp_path):
         dataset = load_split("imagenet", split, tmp_path)
         x, y = _everything(dataset)
         assert tuple(x.shape) == (len(expected[split]), 3, 299, 299)
-        assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+        assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
         # Labels index the devkit's sorted wnids, not the two folders present.
         assert y.tolist() == expected[split].tolist() == sorted(y.tolist())
         assert set(y.tolist()) == {1, 3}
         colors = (x.mean(dim=(2, 3)) * 255).numpy()
         assert np.abs(colors - np.array([imagenet_color(int(label)) for label in y])).max() < 3
-    assert IMAGENET_WNIDS == sorted(IMAGENET_WNIDS)
+    assert sorted(IMAGENET_WNIDS) == IMAGENET_WNIDS
 
 
 def test_stratified_subset_is_fixed_and_balanced(tmp_path):
@@ -188,6 +188,6 @@ def test_pad_crop_flip_takes_crops_of_the_padded_image():
 def test_horizontal_flip_mirrors_about_half():
     x = torch.rand(200, 3, 8, 8)
     out = horizontal_flip(x, torch.Generator().manual_seed(0))
-    mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x)])
-    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
+    mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x, strict=True)])
+    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x, strict=True)])
     assert bool((mirrored | kept).all()) and 70 <= int(mirrored.sum()) <= 130

@@ -15,7 +15,7 @@ from torch import nn
 import bench.cache
 from bench.cache import CacheError, ModelCache
 from bench.cli import main
-from bench.store import Store, StoreError
+from bench.store import Store
 from defenses.pixeldp.certify import cohen_radius, pixeldp_gaussian_radius, pixeldp_laplace_radius, renyi_radius
 
 TINY = """
@@ -119,9 +119,8 @@ def _make_read_only(folder: Path) -> bool:
     except OSError:
         return True
     probe.unlink()
-    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
-        return True
-    return False
+    return bool(shutil.which("chattr")) and subprocess.run(["chattr", "+i", str(folder)],
+                                                           capture_output=True).returncode == 0
 
 
 def _make_writable(folder: Path) -> None:

@@ -231,7 +231,8 @@ def test_training_without_the_train_split_fails_before_anything_is_written(tmp_p
     data = tmp_path / "data"
     write_mnist(data)
     (data / "MNIST" / "raw" / "train-labels-idx1-ubyte").unlink()
-    text = '[run]\ndatasets = ["mnist"]\nexamples = 20\nseed = 0\n[defenses.undefended]\nparams = { arch = "cnn_small", steps = 5 }\n'
+    text = ('[run]\ndatasets = ["mnist"]\nexamples = 20\nseed = 0\n'
+            '[defenses.undefended]\nparams = { arch = "cnn_small", steps = 5 }\n')
     assert run(tmp_path, text, "--data-root", str(data)) == 2
     err = capsys.readouterr().err
     assert "(train split) not found" in err and "train-labels-idx1-ubyte" in err

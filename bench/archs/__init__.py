@@ -1,6 +1,8 @@
 """The paper's architectures; importing this package registers them in bench.registry.MODELS."""
 from bench.archs import inception, mnist, resnet  # noqa: F401
 
+__all__ = ["describe_models"]
+
 
 def describe_models():
     """(name, input shape, classes, parameter count, datasets using it by default) for every registered model.

@@ -4,8 +4,8 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from torchvision.models import inception_v3 as tv_inception_v3
 from bench.data import DatasetError, data_root
 from bench.models import ImageClassifier, Normalize
 from bench.registry import MODELS
+
+__all__ = ["IMAGENET_SHAPE", "TiedAutoencoderBody", "find_weights", "inception_net", "inception_v3",
+           "inception_v3_autoencoder", "read_state_dict", "weight_folders"]
 
 IMAGENET_SHAPE = (3, 299, 299)
 WEIGHT_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
@@ -37,7 +40,7 @@ def find_weights() -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_missing() -> None:
     warnings.warn(
         f"no pretrained Inception-v3 weights found (looked for {' or '.join(WEIGHT_FILES)} in "
@@ -56,7 +59,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DatasetError(f"cannot read Inception-v3 weights {path}: the file is corrupt, truncated or not a "
-                           f"state dict ({type(exc).__name__}: {exc})") from None
+                           f"state dict ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict):
         raise DatasetError(f"Inception-v3 weights {path} hold a {type(state).__name__}, not a state dict")
     return state
@@ -99,16 +102,26 @@ def inception_v3(shape: Sequence[int], classes: int, *, weights: str | None = "a
     because that conv is linear and unpadded; so the stem's sensitivity is in pixel units.
     """
     net, _ = inception_net(classes, weights)
-    stem = net.Conv2d_1a_3x3.conv
+    first_block = net.get_submodule("Conv2d_1a_3x3")
+    stem = first_block.get_submodule("conv")
+    if not isinstance(stem, nn.Conv2d):
+        raise TypeError(f"torchvision's Inception-v3 changed: its first conv is a {type(stem).__name__}")
     with torch.no_grad():
         stem.weight.mul_(2.0)
-    net.Conv2d_1a_3x3.conv = nn.Identity()  # the body keeps that block's batch norm and ReLU
+    first_block.conv = nn.Identity()  # the body keeps that block's batch norm and ReLU
     return ImageClassifier(Normalize([0.5] * shape[0], [1.0] * shape[0]), stem, net)
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, ...]:
+    """A conv's explicit padding; 'same' or 'valid' (strings) have no fixed transpose here."""
+    if isinstance(conv.padding, str):
+        raise ValueError(f"cannot invert a conv with padding={conv.padding!r}; give it explicit integer padding")
+    return conv.padding
 
 
 def _transpose_padding(size: int, out: int, conv: nn.Conv2d) -> int:
     """output_padding that makes conv_transpose2d invert `conv`'s size: out -> size."""
-    stride, padding, kernel = conv.stride[0], conv.padding[0], conv.kernel_size[0]
+    stride, padding, kernel = conv.stride[0], _padding(conv)[0], conv.kernel_size[0]
     extra = size - ((out - 1) * stride - 2 * padding + kernel)
     if not 0 <= extra < stride:
         raise ValueError(f"cannot invert a {kernel}x{kernel}/{stride} conv from {out} back to {size} pixels")
@@ -145,7 +158,7 @@ class TiedAutoencoderBody(nn.Module):
             for parameter in classifier.parameters():
                 parameter.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "TiedAutoencoderBody":
+    def train(self, mode: bool = True) -> TiedAutoencoderBody:
         """Train mode for the auto-encoder; a frozen classifier stays in eval mode (batch-norm statistics kept)."""
         super().train(mode)
         if self.freeze_classifier:
@@ -166,19 +179,20 @@ class TiedAutoencoderBody(nn.Module):
         stem = self.first_conv()
         # The kernel the stem really applies (a conv may rescale its raw weight, e.g. PixelDP's
         # DividedConv2d), so the last decoder layer is exactly the stem's adjoint.
-        stem_weight = stem.effective_weight() if callable(getattr(stem, "effective_weight", None)) else stem.weight
+        effective_weight = getattr(stem, "effective_weight", None)
+        stem_weight = effective_weight() if callable(effective_weight) else stem.weight
         h1 = F.relu(h)
         h2 = F.relu(self.conv2(h1))
         code = F.relu(self.conv3(h2))
         d2 = F.relu(F.conv_transpose2d(code, self.conv3.weight, self.decode3_bias, stride=self.conv3.stride,
-                                       padding=self.conv3.padding,
+                                       padding=_padding(self.conv3),
                                        output_padding=_transpose_padding(h2.shape[-1], code.shape[-1], self.conv3)))
         d1 = F.relu(F.conv_transpose2d(d2, self.conv2.weight, self.decode2_bias, stride=self.conv2.stride,
-                                       padding=self.conv2.padding,
+                                       padding=_padding(self.conv2),
                                        output_padding=_transpose_padding(h1.shape[-1], d2.shape[-1], self.conv2)))
         # A sigmoid maps the reconstruction back into the [0, 1] pixel box, as in the original code.
         return torch.sigmoid(F.conv_transpose2d(
-            d1, stem_weight, self.decode1_bias, stride=stem.stride, padding=stem.padding,
+            d1, stem_weight, self.decode1_bias, stride=stem.stride, padding=_padding(stem),
             output_padding=_transpose_padding(self.image_size[-1], d1.shape[-1], stem)))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """MNIST architectures: the PixelDP paper's strided CNN and the Madry et al. CNN with max-pooling."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
 from bench.models import ImageClassifier, Normalize, cnn_small
 from bench.registry import MODELS
+
+__all__ = ["MNIST_SHAPE", "madry_mnist_cnn", "mnist_cnn"]
 
 MNIST_SHAPE = (1, 28, 28)
 

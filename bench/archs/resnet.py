@@ -1,7 +1,7 @@
 """Wide ResNets (Zagoruyko & Komodakis 2016) for SVHN and CIFAR: WRN-28-10 and a small variant."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -9,6 +9,8 @@ from torch import nn
 
 from bench.models import ImageClassifier, Normalize
 from bench.registry import MODELS
+
+__all__ = ["CIFAR_SHAPE", "PreActBlock", "WideResNetBody", "resnet_small", "wide_resnet"]
 
 CIFAR_SHAPE = (3, 32, 32)
 

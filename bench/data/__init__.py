@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.data import Dataset
 
 from bench.registry import DATASETS
+
+__all__ = ["REPO_ROOT", "DatasetError", "DatasetSpec", "data_root", "dataset_labels", "dataset_size", "gather",
+           "get_spec", "load_split", "register_dataset", "select_examples"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +42,8 @@ class DatasetSpec:
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     """Add a spec to the DATASETS registry under its name."""
-    return DATASETS.register(spec.name, spec)
+    DATASETS.register(spec.name, spec)
+    return spec
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -73,7 +77,15 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     for attr in ("targets", "labels"):
         if hasattr(dataset, attr):
             return torch.as_tensor(getattr(dataset, attr)).long()
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    return torch.tensor([int(dataset[i][1]) for i in range(dataset_size(dataset))])
+
+
+def dataset_size(dataset: Dataset) -> int:
+    """len(dataset): every registered loader must return a map-style dataset that has a length."""
+    if not isinstance(dataset, Sized):
+        raise DatasetError(f"a dataset loader returned a {type(dataset).__name__}, which has no len(); loaders must "
+                           "return a map-style dataset (e.g. a TensorDataset)")
+    return len(dataset)
 
 
 def select_examples(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
@@ -98,7 +110,7 @@ def select_examples(dataset: Dataset, n: int, seed: int = 0) -> torch.Tensor:
         quota[int(order[i])] += 1
     chosen: list[torch.Tensor] = []
     shortfall = 0
-    for idx, q in zip(per_class, quota):
+    for idx, q in zip(per_class, quota, strict=True):
         chosen.append(idx[:q])
         shortfall += max(0, q - len(idx))
     if shortfall:

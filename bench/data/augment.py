@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+__all__ = ["horizontal_flip", "pad_crop_flip"]
+
 
 def _draw(n: int, high: int, generator: torch.Generator | None) -> torch.Tensor:
     """n integers in [0, high) drawn on the generator's device (CPU when None)."""

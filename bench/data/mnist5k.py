@@ -9,6 +9,8 @@ from torch.utils.data import TensorDataset
 
 from bench.data import DatasetError, DatasetSpec, register_dataset
 
+__all__ = ["load_mnist5k"]
+
 TEST_SIZE = 1000
 SPLIT_SEED = 20190520  # fixed forever: changing it would silently change every result
 

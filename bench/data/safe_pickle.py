@@ -4,6 +4,8 @@ from __future__ import annotations
 import pickle
 from typing import IO, Any
 
+__all__ = ["ALLOWED_GLOBALS", "RestrictedUnpickler", "load"]
+
 # The globals a CIFAR python batch may reference (numpy array reconstruction, Python 2 byte strings).
 ALLOWED_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),

@@ -1,9 +1,10 @@
-"""MNIST, Fashion-MNIST, SVHN, CIFAR-10, CIFAR-100 and ImageNet read by torchvision from its on-disk layout under the data root."""
+"""MNIST, Fashion-MNIST, SVHN, CIFAR-10, CIFAR-100 and ImageNet in torchvision's on-disk layout under the data root."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -14,10 +15,14 @@ from torchvision import transforms
 from bench.data import DatasetError, DatasetSpec, register_dataset, safe_pickle
 from bench.data.augment import horizontal_flip, pad_crop_flip
 
+__all__ = ["ImageTensorDataset", "load_cifar10", "load_cifar100", "load_fashion_mnist", "load_imagenet", "load_mnist",
+           "load_svhn"]
+
 ROOT_HINT = "(data root: --data-root, else $PIXELDP_BENCH_DATA, else <repo>/datasets; layouts in datasets/README.md)"
 # Inception-v3's evaluation preprocessing: resize the short side to 299 / 0.875 = 342, centre-crop 299.
 IMAGENET_SIZE = 299
 IMAGENET_RESIZE = 342
+Loaded = TypeVar("Loaded")
 
 
 class ImageTensorDataset(Dataset):
@@ -50,7 +55,7 @@ def _corrupt(name: str, path: Path, exc: BaseException) -> DatasetError:
                         f"({type(exc).__name__}: {exc}); delete it and fetch it again")
 
 
-def _load(name: str, files: list[Path], probe: Callable[[Path], None], build: Callable[[], Dataset]) -> Dataset:
+def _load(name: str, files: list[Path], probe: Callable[[Path], None], build: Callable[[], Loaded]) -> Loaded:
     """Run torchvision's loader; on failure, probe each file to name the one that is corrupt."""
     try:
         return build()
@@ -61,9 +66,9 @@ def _load(name: str, files: list[Path], probe: Callable[[Path], None], build: Ca
             try:
                 probe(path)
             except Exception as file_exc:
-                raise _corrupt(name, path, file_exc) from None
+                raise _corrupt(name, path, file_exc) from file_exc
         raise DatasetError(f"dataset {name!r}: torchvision could not load {', '.join(map(str, files))} "
-                           f"({type(exc).__name__}: {exc}); check the files or fetch them again") from None
+                           f"({type(exc).__name__}: {exc}); check the files or fetch them again") from exc
 
 
 def _download_failed(name: str, exc: BaseException, how: str) -> DatasetError:
@@ -82,7 +87,7 @@ def _probe_idx(path: Path) -> None:
         raise ValueError(f"expected a {want}-d uint8 IDX tensor, got {tensor.dim()}-d {tensor.dtype}")
 
 
-def _idx_loader(name: str, cls: type, url: str) -> Callable[[str, Path, bool], ImageTensorDataset]:
+def _idx_loader(name: str, cls: type[tvd.MNIST], url: str) -> Callable[[str, Path, bool], ImageTensorDataset]:
     """A loader of torchvision's MNIST layout (root/<cls.__name__>/raw/*-ubyte) for `cls` (MNIST or a subclass)."""
     def load(split: str, root: Path, download: bool) -> ImageTensorDataset:
         folder = root / cls.__name__ / "raw"  # torchvision's raw_folder
@@ -92,7 +97,7 @@ def _idx_loader(name: str, cls: type, url: str) -> Callable[[str, Path, bool], I
             try:
                 cls(str(root), train=True, download=True)
             except Exception as exc:
-                raise _download_failed(name, exc, how) from None
+                raise _download_failed(name, exc, how) from exc
         prefix = "train" if split == "train" else "t10k"
         files = [folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte"]
         # Only this split's two files: evaluating needs no training files (torchvision's class wants all four).
@@ -153,7 +158,7 @@ def _probe_cifar(path: Path) -> None:
         raise ValueError(f"data of shape {data.shape} does not match {len(labels or [])} labels of 3x32x32 images")
 
 
-def _read_cifar(folder: Path, cls: type, split: str) -> SimpleNamespace:
+def _read_cifar(folder: Path, cls: type[tvd.CIFAR10], split: str) -> SimpleNamespace:
     """The split's batches as data (N, 3, 32, 32) uint8 and targets, read with the restricted unpickler."""
     with open(folder / cls.meta["filename"], "rb") as handle:
         names = safe_pickle.load(handle)[cls.meta["key"]]  # the class names: a corrupt meta file fails here
@@ -168,7 +173,7 @@ def _read_cifar(folder: Path, cls: type, split: str) -> SimpleNamespace:
     return SimpleNamespace(data=np.concatenate(data), targets=targets)
 
 
-def _cifar_loader(name: str, cls: type, url: str) -> Callable[[str, Path, bool], ImageTensorDataset]:
+def _cifar_loader(name: str, cls: type[tvd.CIFAR10], url: str) -> Callable[[str, Path, bool], ImageTensorDataset]:
     def load(split: str, root: Path, download: bool) -> ImageTensorDataset:
         folder = root / cls.base_folder
         how = f"Run with --download to let torchvision fetch it, or download {url} and extract it into {root}."
@@ -176,7 +181,7 @@ def _cifar_loader(name: str, cls: type, url: str) -> Callable[[str, Path, bool],
             try:
                 cls(str(root), train=True, download=True)
             except Exception as exc:
-                raise _download_failed(name, exc, how) from None
+                raise _download_failed(name, exc, how) from exc
         # Only this split's batches and the meta file: evaluating needs no training files.
         expected = [f for f, _ in (cls.train_list if split == "train" else cls.test_list)] + [cls.meta["filename"]]
         _require(name, split, folder, expected, how)
@@ -223,7 +228,7 @@ def load_svhn(split: str, root: Path, download: bool) -> ImageTensorDataset:
         try:
             _SVHN(str(folder), split=split, download=True)
         except Exception as exc:
-            raise _download_failed("svhn", exc, how) from None
+            raise _download_failed("svhn", exc, how) from exc
     _require("svhn", split, folder, [filename], how)
     data = _load("svhn", [folder / filename], _probe_mat, lambda: _SVHN(str(folder), split=split))
     if data.data.shape[0] != len(data.labels) or data.data.shape[1:] != (3, 32, 32):
@@ -250,7 +255,7 @@ def _open_rgb(path: str):
         with open(path, "rb") as handle:
             return Image.open(handle).convert("RGB")
     except (OSError, ValueError, SyntaxError) as exc:
-        raise _corrupt("imagenet", Path(path), exc) from None
+        raise _corrupt("imagenet", Path(path), exc) from exc
 
 
 def _probe_meta(path: Path) -> None:

@@ -1,6 +1,8 @@
 """Baseline defenses' speed: certification time per bound method, training-step cost vs undefended."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -64,7 +66,7 @@ def test_training_step_cost_relative_to_undefended(benchmark, name, make):
     for label, owner in (("defended", defense), ("plain", plain)):
         model = defense.build_model()
         optimizer, _ = make_optimizer(model, owner)
-        timings[label] = best_seconds(lambda: _step(owner, model, optimizer, x, y))
+        timings[label] = best_seconds(functools.partial(_step, owner, model, optimizer, x, y))
     model = defense.build_model()
     optimizer, _ = make_optimizer(model, defense)
     benchmark.pedantic(_step, args=(defense, model, optimizer, x, y), rounds=2, iterations=1)
