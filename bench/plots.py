@@ -14,13 +14,13 @@ from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bench.registry import DEFENSES, load_builtins
 from bench.tables import CLEAN, WORST
 from bench.tables_certified import reference_accuracy
 
 BAND_MAX_N = 1000  # draw 95% Clopper-Pearson bands when a point rests on at most this many examples
 NORM_TEXT = {"l1": "L1", "l2": "L2", "linf": "L-inf"}
-FAMILIES = (("pixeldp", "PixelDP"), ("madry", "Madry"), ("wong_kolter", "convex"), ("convex", "convex"),
-            ("undefended", "undefended"))
+BASELINE_FAMILY = "undefended"  # a figure comparing defenses needs at least one other family
 PALETTE = sns.color_palette("colorblind")
 STYLE = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.3),
          "font.family": "sans-serif", "legend.frameon": False, "pdf.fonttype": 42,
@@ -42,12 +42,11 @@ def new_figure(rows: int, cols: int, width: float = 6.0, height: float = 3.4) ->
     return figure, axes
 
 
-def family(registry_name: str) -> str | None:
-    """PixelDP / Madry / convex / undefended for a defense's registry name, else None."""
-    for prefix, name in FAMILIES:
-        if registry_name.startswith(prefix):
-            return name
-    return None
+def family(registry_name: str) -> str:
+    """The defense's registered family (DefenseInfo.family: PixelDP, Madry, convex, ...); a name not
+    registered in this process (e.g. a plugin not loaded) is its own family."""
+    load_builtins()
+    return DEFENSES.info(registry_name).family if registry_name in DEFENSES else registry_name
 
 
 def _line(ax, x, y, low, high, n, label: str, color, band_max_n: int, **style) -> None:
@@ -143,17 +142,17 @@ def plot_accuracy_vs_attack(accuracy: pd.DataFrame, band_max_n: int = BAND_MAX_N
 
 def plot_defense_comparison(accuracy: pd.DataFrame, registry_names: dict[tuple[str, str], str],
                             band_max_n: int = BAND_MAX_N) -> Figure | None:
-    """Fig. 4: PixelDP vs Madry vs convex (and undefended) under L2 and L-inf attacks; worst case per defense.
+    """Fig. 4: every defense of the run (PixelDP, Madry, convex, undefended, ...) under L2 and L-inf attacks,
+    worst case per defense, labelled by family; None when the run holds no family besides the baseline.
 
     Args:
         accuracy: the accuracy frame (bench.tables.accuracy_frame).
         registry_names: (dataset, defense label) -> registry name, to recognise each defense's family.
     """
     attacked = accuracy[accuracy["norm"] != ""]
-    chosen = [(d, label) for d, label in dict.fromkeys(zip(attacked["dataset"], attacked["defense"]))
-              if family(registry_names.get((d, label), label))]
-    if not {family(registry_names.get(k, k[1])) for k in chosen} - {"undefended"}:
-        return None  # none of PixelDP, Madry or convex in this run
+    chosen = list(dict.fromkeys(zip(attacked["dataset"], attacked["defense"])))
+    if not {family(registry_names.get(k, k[1])) for k in chosen} - {BASELINE_FAMILY}:
+        return None  # only undefended models: nothing to compare
     datasets = list(dict.fromkeys(d for d, _ in chosen))
     norms = [n for n in NORM_TEXT if n in set(attacked["norm"])]
     with publication_style():

@@ -19,7 +19,7 @@ from bench.cache import ModelCache
 from bench.checks import probe_gradients
 from bench.data import data_root as resolve_data_root
 from bench.data import gather, load_split, select_examples
-from bench.defense import Defense
+from bench.defense import CertifiedDefense, Defense
 from bench.overhead import DRAWS, measure_prediction
 from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.keys import cell_code, keyed, model_code, params_digest
@@ -120,7 +120,7 @@ class Runner:
             torch.manual_seed(cell.seed)
             model = defense.starting_model().to(device)  # built, with the user's weights when given
         # Parameters a defense declares evaluation-only (e.g. draw counts) do not change the weights.
-        eval_only = getattr(cls, "eval_params", frozenset())
+        eval_only = set(DEFENSES.info(cell.defense).eval_params)
         trained = dict(config, defense_params={k: v for k, v in cell.defense_params.items() if k not in eval_only})
         path = self.cache.path(trained, model_code(cell.defense, cell.defense_params))
         steps = defense.train_config.steps
@@ -187,7 +187,8 @@ class Runner:
         defense.reseed(derive_seed(key, "defense"))
         threat = cell.threat()
         attack = None if cell.attack == "none" else ATTACKS.get(cell.attack)
-        meta = {} if attack is None else ATTACKS.meta(cell.attack)
+        attack_info = None if attack is None else ATTACKS.info(cell.attack)
+        defense_facts = DEFENSES.info(cell.defense)
         kwargs = dict(cell.attack_params)
         records: list[Record] = []
         batch = self.options.batch_size
@@ -199,15 +200,15 @@ class Runner:
             began = time.perf_counter()
             with count_forward_passes(defense.model) as passes:
                 if attack is None:
-                    pred, radius = self._clean(defense, xb)
+                    pred, radius = self._clean(defense, xb, defense_facts.certified)
                     adv_pred, norms = pred, torch.zeros(len(yb))
                 else:
                     pred = defense.predict(xb)
                     x_adv = attack(defense.model, xb, yb, threat=threat, generator=generator, **kwargs)
-                    self._check_output(cell, x_adv, xb, threat, meta)
+                    self._check_output(cell, x_adv, xb, threat)
                     adv_pred, radius = defense.judge(x_adv)
                     norms = threat.norm_of((x_adv - xb).detach()).cpu()
-                    if meta.get("minimum_norm"):
+                    if attack_info.minimum_norm:
                         # Clean errors need no perturbation; attack failures count as infinitely large.
                         norms = torch.where(pred.cpu() != yb.cpu(), torch.zeros_like(norms), norms)
                         norms = torch.where((pred.cpu() == yb.cpu()) & (adv_pred.cpu() == yb.cpu()),
@@ -221,8 +222,8 @@ class Runner:
                     radius=None if radius is None else float(radius[i]), seconds=seconds,
                     forward_passes=per_example))
         info = {"defense": defense_info, "device": str(device), "attack_kwargs": kwargs,
-                "randomized": bool(getattr(defense, "randomized", False)), "eot": bool(meta.get("eot", False)),
-                "minimum_norm": bool(meta.get("minimum_norm", False))}
+                "randomized": defense_facts.randomized, "eot": bool(attack_info and attack_info.eot),
+                "minimum_norm": bool(attack_info and attack_info.minimum_norm)}
         if attack is not None:
             # Input-gradient health for bench.checks' masking warning (one pass, noise state restored).
             info["zero_gradients"] = probe_gradients(defense, x_all[:batch].to(device), y_all[:batch].to(device))
@@ -234,15 +235,16 @@ class Runner:
         return records, info
 
     @staticmethod
-    def _clean(defense: Defense, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Clean predictions, certified with radii when the defense can certify."""
-        if getattr(defense, "certified", False):
+    def _clean(defense: Defense, x: torch.Tensor, certified: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Clean predictions, certified with radii when the defense is registered certified."""
+        if certified:
+            assert isinstance(defense, CertifiedDefense)  # checked at registration
             pred, radius = defense.certify(x)
             return pred, radius
         return defense.predict(x), None
 
     @staticmethod
-    def _check_output(cell: Cell, x_adv: Any, x: torch.Tensor, threat, meta: dict[str, Any]) -> None:
+    def _check_output(cell: Cell, x_adv: Any, x: torch.Tensor, threat) -> None:
         """The runner, not the attack, checks that x_adv is a finite tensor in the ball and the box."""
         name = cell.attack_label
         if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
