@@ -77,6 +77,23 @@ class Defense(ABC):
         # (e.g. adversarial random starts) come from it, so training is reproducible and resumable.
         self.step_generator: torch.Generator | None = None
 
+    @property
+    def info(self) -> DefenseInfo:
+        """The registry info of this defense's class (or of its nearest registered base class)."""
+        from bench.registry import DEFENSES
+
+        for klass in type(self).__mro__:
+            name = DEFENSES.name_of(klass)
+            if name is not None:
+                return DEFENSES.info(name)
+        raise RegistrationError(f"{type(self).__name__} is not registered in DEFENSES; register it with "
+                                "@DEFENSES.register(name, family=..., randomized=..., certified=...)")
+
+    @property
+    def randomized(self) -> bool:
+        """Whether predictions draw noise: read from the registry info (the one place the fact lives)."""
+        return self.info.randomized
+
     @classmethod
     def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         """Parameters as stored in the cell (and hashed into its key); e.g. add a weights file's hash."""

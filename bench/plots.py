@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,7 @@ from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bench.registry import DEFENSES, load_builtins
+from bench.registry import DEFENSES, Registry, load_builtins
 from bench.tables import CLEAN, WORST
 from bench.tables_certified import reference_accuracy
 
@@ -220,3 +221,32 @@ def save_figure(figure: Figure, folder: Path, stem: str) -> dict[str, Path]:
         figure.savefig(paths["png"], dpi=200, bbox_inches="tight")
         figure.savefig(paths["pdf"], bbox_inches="tight")
     return paths
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One figure of a report: the tables (bench.table_registry names) it reads and how it is drawn.
+
+    `draw(frames, registry_names)` gets every table's long frame by name (plus "certified_defenses")
+    and (dataset, defense label) -> registry name; it returns None when the run has nothing to show.
+    """
+
+    tables: tuple[str, ...]
+    draw: Callable[[dict[str, Any], dict[tuple[str, str], str]], Figure | None]
+
+
+PLOTS = Registry("figure")
+
+
+def figures() -> list[tuple[str, Plot]]:
+    """(file stem, plot) of every registered figure, by stem."""
+    return [(stem, PLOTS.get(stem)) for stem in PLOTS.names()]
+
+
+PLOTS.register("fig2_certified_accuracy", Plot(("certified",), lambda frames, names: plot_certified(frames["certified"])))
+PLOTS.register("fig3_accuracy_vs_attack", Plot(("accuracy",),
+                                               lambda frames, names: plot_accuracy_vs_attack(frames["accuracy"])))
+PLOTS.register("fig4_defense_comparison", Plot(("accuracy",), lambda frames, names: plot_defense_comparison(
+    frames["accuracy"], names)))
+PLOTS.register("fig5_robust_precision_recall", Plot(("robust", "accuracy"), lambda frames, names: plot_robust(
+    frames["robust"], frames["accuracy"], frames["certified_defenses"])))

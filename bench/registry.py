@@ -190,6 +190,10 @@ class Registry:
         record = self.info(name)
         return {} if record is None else dataclasses.asdict(record)
 
+    def name_of(self, obj: Any) -> str | None:
+        """The first name (sorted) under which `obj` itself is registered, else None."""
+        return next((n for n in self.names() if self._objects[n] is obj), None)
+
     def names(self, pattern: str = "*") -> list[str]:
         """Sorted names matching a shell-style wildcard pattern."""
         return sorted(n for n in self._objects if fnmatch.fnmatchcase(n, pattern))
