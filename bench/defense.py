@@ -133,6 +133,7 @@ class Defense(ABC):
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError (one line) when `model` cannot be evaluated by this defense, e.g. a layer a bound lacks."""
+        return None
 
     @abstractmethod
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
@@ -140,6 +141,7 @@ class Defense(ABC):
 
     def after_step(self, model: nn.Module) -> None:
         """Hook run after every optimizer step (e.g. PixelDP's Parseval projection)."""
+        return None
 
     def train_state(self) -> dict[str, Any]:
         """Training-time state of the defense itself (tensors and plain values) saved in checkpoints."""
@@ -147,6 +149,7 @@ class Defense(ABC):
 
     def load_train_state(self, state: dict[str, Any]) -> None:
         """Restore what `train_state` returned, when training resumes from a checkpoint."""
+        return None
 
     def reseed(self, seed: int) -> None:
         """Restart the evaluation noise from `seed` (the runner does this per cell, so no cell's draws

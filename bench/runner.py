@@ -14,16 +14,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import bench.models
-import bench.training
 from bench.cache import ModelCache
 from bench.checks import probe_gradients
 from bench.data import data_root as resolve_data_root
 from bench.data import gather, load_split, select_examples
 from bench.defense import CertifiedDefense, Defense
 from bench.overhead import DRAWS, measure_prediction
-from bench.registry import ATTACKS, DATASETS, DEFENSES
+from bench.registry import ATTACKS, DATASETS, DEFENSES, AttackInfo
 from bench.keys import cell_code, keyed, model_code, params_digest
 from bench.store import ClaimOwner, Store
+from bench.trained_models import TrainedModels
 from bench.training import CHECKPOINT_SECONDS
 from bench.types import Cell, Record, derive_seed
 
@@ -53,6 +53,14 @@ class RunOptions:
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
+
+
+def batch_records(indices: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, adv_pred: torch.Tensor,
+                  norms: torch.Tensor, radius: torch.Tensor | None, seconds: float, passes: int) -> list[Record]:
+    """One Record per example of a batch (all tensors (n,)); `seconds` and `passes` are per example."""
+    return [Record(index=int(indices[i]), label=int(y[i]), clean_pred=int(pred[i]), adv_pred=int(adv_pred[i]),
+                   norm=float(norms[i]), radius=None if radius is None else float(radius[i]), seconds=seconds,
+                   forward_passes=passes) for i in range(len(y))]
 
 
 def cell_seed(key: str) -> int:
@@ -93,6 +101,10 @@ class Runner:
         self.options = options
         self.owner = owner or ClaimOwner.this_process()
         self.cache = ModelCache(options.results_dir / "models", log=options.log)
+        self.models = TrainedModels(self.cache, store, self.owner, device=options.device, data_root=options.data_root,
+                                    download=options.download, progress=options.progress,
+                                    checkpoint_seconds=options.checkpoint_seconds,
+                                    poll_seconds=options.poll_seconds, log=options.log)
         self._defenses: dict[str, tuple[Defense, dict[str, Any]]] = {}
         self._test_sets: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -110,10 +122,13 @@ class Runner:
         """The trained defense of a cell (trained once, cached as safetensors) and its training info."""
         config = cell.defense_config()
         memo = repr(sorted(config.items()))
-        if memo in self._defenses:
-            return self._defenses[memo]
-        cls = DEFENSES.get(cell.defense)
-        defense = cls(DATASETS.get(cell.dataset), **cell.defense_params)
+        if memo not in self._defenses:
+            self._defenses[memo] = self._prepare(cell, config)
+        return self._defenses[memo]
+
+    def _prepare(self, cell: Cell, config: dict[str, Any]) -> tuple[Defense, dict[str, Any]]:
+        """Build the cell's defense, fill its model (cache or training) and attach it with seeded noise."""
+        defense = DEFENSES.get(cell.defense)(DATASETS.get(cell.dataset), **cell.defense_params)
         device = self.options.device
         with torch.random.fork_rng(devices=[]):
             # Seeded initialisation: the same cell gives the same weights whatever ran before in this process.
@@ -131,50 +146,9 @@ class Runner:
         if steps == 0:
             info["loaded_from_cache"] = False  # nothing to train: the model is used as built (e.g. pretrained)
         else:
-            info.update(self._trained(cell, defense, model, path, steps, trained))
+            info.update(self.models.obtain(cell, defense, model, path, steps, trained))
         defense.attach(model, torch.Generator(device=device).manual_seed(cell_seed(path.name)))
-        self._defenses[memo] = (defense, info)
         return defense, info
-
-    def _trained(self, cell: Cell, defense: Defense, model: nn.Module, path: Path, steps: int,
-                 config: dict[str, Any]) -> dict[str, Any]:
-        """Load the model from the cache, or train it (claiming it so that no other process trains it too)."""
-        claim = "model:" + path.name
-        announced = False
-        while True:
-            if self.cache.load(model, path):
-                stored = self.cache.metadata(path)
-                return {"loaded_from_cache": True} | {k: v for k, v in stored.items() if k.startswith("train_")}
-            state = self.store.claim(claim, self.owner)
-            if state == "mine":
-                break
-            if not announced:
-                self.options.log(f"waiting for {self.store.claim_holder(claim)} to train {cell.defense_label} on "
-                                 f"{cell.dataset}; its model will be reused")
-                announced = True
-            time.sleep(self.options.poll_seconds)
-        try:
-            if self.cache.load(model, path):  # trained while we were claiming it
-                stored = self.cache.metadata(path)
-                return {"loaded_from_cache": True} | {k: v for k, v in stored.items() if k.startswith("train_")}
-            resume = self.cache.load_checkpoint(path)
-            start = 0 if resume is None else int(resume["step"])
-            self.options.log(f"training {cell.defense_label} on {cell.dataset} ({steps} steps, {self.options.device})"
-                             + (f", resuming at step {start}" if start else ""))
-            train = load_split(cell.dataset, "train", resolve_data_root(self.options.data_root), self.options.download)
-            began = time.perf_counter()
-            losses = bench.training.fit(defense, model, train, steps=steps, seed=cell.seed, device=self.options.device,
-                                        progress=self.options.progress, resume=resume,
-                                        checkpoint=lambda state: self.cache.save_checkpoint(path, state),
-                                        checkpoint_seconds=self.options.checkpoint_seconds)
-            seconds = time.perf_counter() - began
-            stats = {"train_seconds": seconds, "train_seconds_per_step": seconds / max(steps - start, 1),
-                     "train_final_loss": losses[-1] if losses else None, "train_resumed_at": start}
-            self.cache.save(model, path, config, stats)
-            self.cache.drop_checkpoint(path)
-            return {"loaded_from_cache": False} | stats
-        finally:
-            self.store.release(claim, self.owner)
 
     def run_cell(self, cell: Cell, key: str) -> tuple[list[Record], dict[str, Any]]:
         """Attack (or certify) the cell's test examples batch by batch; returns records and info."""
@@ -185,11 +159,8 @@ class Runner:
         # so its records never depend on which cells ran before it or where it runs.
         generator = torch.Generator(device=device).manual_seed(cell_seed(key))
         defense.reseed(derive_seed(key, "defense"))
-        threat = cell.threat()
-        attack = None if cell.attack == "none" else ATTACKS.get(cell.attack)
-        attack_info = None if attack is None else ATTACKS.info(cell.attack)
-        defense_facts = DEFENSES.info(cell.defense)
-        kwargs = dict(cell.attack_params)
+        certified = DEFENSES.info(cell.defense).certified
+        attack_info = None if cell.attack == "none" else ATTACKS.info(cell.attack)
         records: list[Record] = []
         batch = self.options.batch_size
         bar = tqdm(range(0, len(indices), batch), desc=f"{cell.defense_label} x {cell.attack_label}"
@@ -199,40 +170,50 @@ class Runner:
             yb = y_all[start:start + batch].to(device)
             began = time.perf_counter()
             with count_forward_passes(defense.model) as passes:
-                if attack is None:
-                    pred, radius = self._clean(defense, xb, defense_facts.certified)
+                if attack_info is None:
+                    pred, radius = self._clean(defense, xb, certified)
                     adv_pred, norms = pred, torch.zeros(len(yb))
                 else:
-                    pred = defense.predict(xb)
-                    x_adv = attack(defense.model, xb, yb, threat=threat, generator=generator, **kwargs)
-                    self._check_output(cell, x_adv, xb, threat)
-                    adv_pred, radius = defense.judge(x_adv)
-                    norms = threat.norm_of((x_adv - xb).detach()).cpu()
-                    if attack_info.minimum_norm:
-                        # Clean errors need no perturbation; attack failures count as infinitely large.
-                        norms = torch.where(pred.cpu() != yb.cpu(), torch.zeros_like(norms), norms)
-                        norms = torch.where((pred.cpu() == yb.cpu()) & (adv_pred.cpu() == yb.cpu()),
-                                            torch.full_like(norms, math.inf), norms)
+                    pred, adv_pred, radius, norms = self._attacked(cell, defense, xb, yb, generator,
+                                                                   attack_info.minimum_norm)
             seconds = (time.perf_counter() - began) / len(yb)
-            per_example = passes[0] // len(yb)
-            for i in range(len(yb)):
-                records.append(Record(
-                    index=int(indices[start + i]), label=int(yb[i]), clean_pred=int(pred[i]),
-                    adv_pred=int(adv_pred[i]), norm=float(norms[i]),
-                    radius=None if radius is None else float(radius[i]), seconds=seconds,
-                    forward_passes=per_example))
-        info = {"defense": defense_info, "device": str(device), "attack_kwargs": kwargs,
-                "randomized": defense_facts.randomized, "eot": bool(attack_info and attack_info.eot),
+            records += batch_records(indices[start:start + len(yb)], yb, pred, adv_pred, norms, radius, seconds,
+                                     passes[0] // len(yb))
+        return records, self._cell_info(cell, defense, defense_info, attack_info, x_all, y_all)
+
+    def _attacked(self, cell: Cell, defense: Defense, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                  minimum_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(clean pred (N,), adversarial pred (N,), radii (N,) or None, perturbation norms (N,)) of one batch."""
+        threat = cell.threat()
+        pred = defense.predict(x)
+        x_adv = ATTACKS.get(cell.attack)(defense.model, x, y, threat=threat, generator=generator,
+                                         **dict(cell.attack_params))
+        self._check_output(cell, x_adv, x, threat)
+        adv_pred, radius = defense.judge(x_adv)
+        norms = threat.norm_of((x_adv - x).detach()).cpu()
+        if minimum_norm:
+            # Clean errors need no perturbation; attack failures count as infinitely large.
+            norms = torch.where(pred.cpu() != y.cpu(), torch.zeros_like(norms), norms)
+            norms = torch.where((pred.cpu() == y.cpu()) & (adv_pred.cpu() == y.cpu()),
+                                torch.full_like(norms, math.inf), norms)
+        return pred, adv_pred, radius, norms
+
+    def _cell_info(self, cell: Cell, defense: Defense, defense_info: dict[str, Any], attack_info: AttackInfo | None,
+                   x_all: torch.Tensor, y_all: torch.Tensor) -> dict[str, Any]:
+        """What the cell stores besides its records: training info, flags, gradient health or overhead timings."""
+        device, batch = self.options.device, self.options.batch_size
+        info = {"defense": defense_info, "device": str(device), "attack_kwargs": dict(cell.attack_params),
+                "randomized": DEFENSES.info(cell.defense).randomized, "eot": bool(attack_info and attack_info.eot),
                 "minimum_norm": bool(attack_info and attack_info.minimum_norm)}
-        if attack is not None:
+        if attack_info is not None:
             # Input-gradient health for bench.checks' masking warning (one pass, noise state restored).
             info["zero_gradients"] = probe_gradients(defense, x_all[:batch].to(device), y_all[:batch].to(device))
-        if attack is None:
+        else:
             # Prediction time per image at 1..1000 draws for the overhead table (random state restored).
             cap = self.options.max_draws
             draws = [k for k in self.options.overhead_draws if cap is None or k <= cap] or [1]
             info["overhead"] = measure_prediction(defense, x_all, device, draws=draws)
-        return records, info
+        return info
 
     @staticmethod
     def _clean(defense: Defense, x: torch.Tensor, certified: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

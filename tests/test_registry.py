@@ -1,4 +1,6 @@
 """Registry: typed metadata validated at registration, duplicates raise, unknown names list the valid ones."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ def test_register_get_and_info():
     assert reg.info("b").randomized_only and not reg.info("a").randomized_only
     assert reg.meta("a")["norm"] == "l2"  # a plain-dict view of the same info
     assert "a" in reg and "c" not in reg
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         reg.info("a").norm = "l1"  # frozen
 
 

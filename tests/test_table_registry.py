@@ -96,7 +96,7 @@ def test_a_registered_table_appears_in_the_report_and_compare(toy_registered, tm
     written = pd.read_csv(tmp_path / "out" / "toy_errors.csv")
     expected = {label: sum(r.clean_pred != r.label for r in recs)
                 for c, recs, _ in synthetic_run() if c.attack == "none" for label in [c.defense_label]}
-    assert dict(zip(written["defense"], written["errors"])) == expected
+    assert dict(zip(written["defense"], written["errors"], strict=True)) == expected
     assert (tmp_path / "out" / "toy_errors.md").read_text().startswith("Toy: clean errors per defense.")
     text = report["text"]
     # Ordered by `order`: after the certified table (20), before robust precision (30).
