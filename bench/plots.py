@@ -44,10 +44,10 @@ def new_figure(rows: int, cols: int, width: float = 6.0, height: float = 3.4) ->
 
 
 def family(registry_name: str) -> str:
-    """The defense's registered family (DefenseInfo.family: PixelDP, Madry, convex, ...); a name not
-    registered in this process (e.g. a plugin not loaded) is its own family."""
+    """The defense's registered family (DefenseInfo.family: PixelDP, Madry, convex, ...); a defense
+    registered without one, or not registered in this process (a plugin not loaded), is its own family."""
     load_builtins()
-    return DEFENSES.info(registry_name).family if registry_name in DEFENSES else registry_name
+    return (DEFENSES.info(registry_name).family or registry_name) if registry_name in DEFENSES else registry_name
 
 
 def _line(ax, x, y, low, high, n, label: str, color, band_max_n: int, **style) -> None:

@@ -48,7 +48,8 @@ class DefenseInfo:
     """Facts about a defense that tables, figures, checks and the runner read (never names or class attributes).
 
     Attributes:
-        family: the defense family shown in figures (e.g. "PixelDP", "Madry", "convex").
+        family: the defense family shown in figures (e.g. "PixelDP", "Madry", "convex"); None: the
+            defense is a family of its own, shown under its registry name.
         randomized: predictions draw noise: attack with EOT, check that outputs vary.
         certified: it certifies radii (`certify`, `certified_norm`: bench.defense.CertifiedDefense).
         certified_norm: the norm of its radii when fixed; None when a parameter chooses it
@@ -58,16 +59,16 @@ class DefenseInfo:
             models trained under other values are reused.
     """
 
-    family: str
     randomized: bool
     certified: bool
+    family: str | None = None
     certified_norm: str | None = None
     certifier: str | None = None
     eval_params: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.family:
-            raise RegistrationError("family must be a non-empty name")
+        if self.family == "":
+            raise RegistrationError("family must be a non-empty name (or None: the registry name)")
         if self.certified_norm is not None and self.certified_norm not in NORMS:
             raise RegistrationError(f"certified_norm {self.certified_norm!r} is not one of {', '.join(NORMS)}")
         if not self.certified and (self.certified_norm is not None or self.certifier is not None):

@@ -47,7 +47,7 @@ def test_info_and_keywords_are_exclusive_and_typed():
     with pytest.raises(RegistrationError, match="either info= or keyword metadata"):
         reg.register("x", 1, info=AttackInfo("l2", False, False), eot=True)
     with pytest.raises(RegistrationError, match="info must be a AttackInfo"):
-        reg.register("x", 1, info=DefenseInfo("f", False, False))
+        reg.register("x", 1, info=DefenseInfo(randomized=False, certified=False))
     with pytest.raises(RegistrationError, match="widget 'x': widget entries take no metadata"):
         Registry("widget").register("x", 1, flag=True)
 
@@ -75,8 +75,10 @@ def test_defense_contract_is_checked_at_registration():
     with pytest.raises(RegistrationError, match="eval_params names 'draws'"):
         DEFENSES.register("d", scratch("Draws", loss=_plain_loss), family="x", randomized=False, certified=False,
                           eval_params=("draws",))
-    with pytest.raises(RegistrationError, match="missing metadata key 'family'"):
-        DEFENSES.register("d", scratch("Plain", loss=_plain_loss), randomized=False, certified=False)
+    with pytest.raises(RegistrationError, match="missing metadata key 'certified'"):
+        DEFENSES.register("d", scratch("Plain", loss=_plain_loss), randomized=False)
+    with pytest.raises(RegistrationError, match="metadata key 'family' = 3 should be"):
+        DEFENSES.register("d", scratch("Plain", loss=_plain_loss), randomized=False, certified=False, family=3)
     with pytest.raises(RegistrationError, match="subclass of bench.defense.Defense"):
         DEFENSES.register("d", object, family="x", randomized=False, certified=False)
     assert "d" not in DEFENSES

@@ -29,22 +29,31 @@ class ToyCertified(Undefended):
         return "l2"
 
 
+class Bare(Undefended):
+    """A defense registered with randomized / certified only: its own family."""
+
+
 @pytest.fixture
 def toy_defense():
     DEFENSES.register("toy_certified", ToyCertified, family="toy", randomized=False, certified=True,
                       certified_norm="l2", certifier="toycert")
+    DEFENSES.register("toy_bare", Bare, randomized=False, certified=False)  # the least metadata a defense needs
     yield "toy_certified"
     DEFENSES.unregister("toy_certified")
+    DEFENSES.unregister("toy_bare")
 
 
 def renamed_run(toy: str) -> list[tuple]:
-    """The synthetic run with PixelDP L=0.1 replaced by `toy` (label "mine") and Madry by a user_model ("theirs")."""
+    """The synthetic run with PixelDP L=0.1 replaced by `toy` (label "mine"), Madry by a user_model
+    ("theirs") and PixelDP L=0.3 by a defense registered without a family ("bare")."""
     out = []
     for cell, records, info in synthetic_run():
         if cell.defense_label == "pixeldp_L0.1":
             cell = dataclasses.replace(cell, defense=toy, defense_label="mine", defense_params={})
         elif cell.defense_label == "madry":
             cell = dataclasses.replace(cell, defense="user_model", defense_label="theirs")
+        elif cell.defense_label == "pixeldp_L0.3":
+            cell = dataclasses.replace(cell, defense="toy_bare", defense_label="bare", defense_params={})
         out.append((cell, records, info))
     return out
 
@@ -61,7 +70,8 @@ def test_a_new_certified_defense_and_a_user_model_appear_in_tables_and_fig4(toy_
     names = {(c.dataset, c.defense_label): c.defense for c, _, _ in run}
     figure = plot_defense_comparison(frames["accuracy"], names)
     legend = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
-    assert legend == ["undefended", "user model: theirs", "toy: mine", "pixeldp_L0.3", "convex: wong_kolter"]
+    # Before metadata, Fig. 4 knew PixelDP / Madry / convex / undefended by name prefix and dropped the rest.
+    assert legend == ["undefended", "user model: theirs", "toy: mine", "toy_bare: bare", "convex: wong_kolter"]
 
 
 def toy_table() -> Table:
