@@ -5,7 +5,7 @@ import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -205,13 +205,15 @@ def check_defense_class(name: str, cls: Any, info: DefenseInfo) -> None:
     if not info.certified and issubclass(cls, CertifiedDefense):
         raise RegistrationError(f"{where}: {cls.__name__} implements certify; register it with certified=True")
     accepted = {n for klass in cls.__mro__ if "__init__" in vars(klass) and klass is not object
-                for n in inspect.signature(klass.__init__).parameters}
+                for n in inspect.signature(vars(klass)["__init__"]).parameters}
     unknown = sorted(set(info.eval_params) - accepted)
     if unknown:
         raise RegistrationError(f"{where}: eval_params names {unknown[0]!r}, not a parameter of {cls.__name__}")
-    if info.certified_norm is not None and cls.certified_norm({}) != info.certified_norm:
-        raise RegistrationError(f"{where}: certified_norm={info.certified_norm!r} but {cls.__name__}."
-                                f"certified_norm({{}}) = {cls.certified_norm({})!r}")
+    if info.certified_norm is not None:
+        stated = cast("type[CertifiedDefense]", cls).certified_norm({})
+        if stated != info.certified_norm:
+            raise RegistrationError(f"{where}: certified_norm={info.certified_norm!r} but {cls.__name__}."
+                                    f"certified_norm({{}}) = {stated!r}")
 
 
 def certified_norm(defense: str, params: dict[str, Any]) -> str:

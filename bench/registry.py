@@ -5,8 +5,9 @@ import dataclasses
 import fnmatch
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 __all__ = ["AttackInfo", "DefenseInfo", "ModelInfo", "Registry", "RegistrationError", "UnknownNameError",
            "DATASETS", "DEFENSES", "ATTACKS", "MODELS", "NORMS", "load_builtins"]
@@ -216,7 +217,9 @@ class UnknownNameError(KeyError):
 
 
 def _check_defense(name: str, cls: Any, info: DefenseInfo) -> None:
-    from bench.defense import check_defense_class  # late: bench.defense imports this module
+    from bench.defense import (
+        check_defense_class,  # late: bench.defense imports this module
+    )
 
     check_defense_class(name, cls, info)
 

@@ -185,6 +185,7 @@ class Runner:
                   minimum_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(clean pred (N,), adversarial pred (N,), radii (N,) or None, perturbation norms (N,)) of one batch."""
         threat = cell.threat()
+        assert threat is not None  # an attack cell always has a norm
         pred = defense.predict(x)
         x_adv = ATTACKS.get(cell.attack)(defense.model, x, y, threat=threat, generator=generator,
                                          **dict(cell.attack_params))

@@ -6,8 +6,9 @@ and figures read its frame by name (locuslab/smoothing's analyze.py keeps tables
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pandas as pd
 
