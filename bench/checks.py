@@ -42,9 +42,11 @@ def _flag(cell: Cell, info: dict[str, Any] | None, name: str) -> bool:
     if info is not None and name in info:
         return bool(info[name])
     if name == "randomized" and cell.defense in DEFENSES:
-        return bool(getattr(DEFENSES.get(cell.defense), "randomized", False))
-    if name in ("eot", "minimum_norm", "gradient_free") and cell.attack in ATTACKS:
-        return bool(ATTACKS.meta(cell.attack).get(name, False))
+        return DEFENSES.info(cell.defense).randomized
+    if cell.attack in ATTACKS:
+        attack = ATTACKS.info(cell.attack)
+        return {"eot": attack.eot, "minimum_norm": attack.minimum_norm, "gradient_free": attack.gradient_free}.get(
+            name, False)
     return False
 
 

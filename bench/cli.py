@@ -163,14 +163,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:12s} {'x'.join(map(str, spec.shape)):10s} {spec.classes:5d} classes  {spec.description}")
     print("defenses:")
     for name in DEFENSES.names():
-        cls = DEFENSES.get(name)
-        flags = ", ".join(f for f in ("randomized", "certified") if getattr(cls, f, False)) or "-"
+        cls, info = DEFENSES.get(name), DEFENSES.info(name)
+        flags = ", ".join(f for f in ("randomized", "certified") if getattr(info, f)) or "-"
         print(f"  {name:24s} {flags:22s} {(cls.__doc__ or '').strip().splitlines()[0]}")
     print("attacks:")
     for name in ATTACKS.names():
-        meta = ATTACKS.meta(name)
-        kind = "minimum-norm" if meta.get("minimum_norm") else "fixed-eps"
-        print(f"  {name:24s} {meta.get('norm', '?'):5s} {kind:13s}{' EOT' if meta.get('eot') else ''}")
+        attack = ATTACKS.info(name)
+        kind = "minimum-norm" if attack.minimum_norm else "fixed-eps"
+        print(f"  {name:24s} {attack.norm:5s} {kind:13s}{' EOT' if attack.eot else ''}")
     print("profiles:")
     print("  " + ", ".join(shipped_profiles()))
     if loaded_plugins():

@@ -10,10 +10,10 @@ import pandas as pd
 from scipy.stats import binomtest, fisher_exact
 
 from bench.baseline import load_export
-from bench.report import run_records
+from bench.report import run_data
 from bench.store import Store, StoreError
-from bench.tables import CLEAN, accuracy_flags
-from bench.tables_certified import DEFAULT_ROBUST_THRESHOLDS, certified_flags, robust_flags
+from bench.table_registry import tables
+from bench.tables_certified import DEFAULT_ROBUST_THRESHOLDS
 from bench.types import Cell
 
 STORE_NAME = "store.sqlite"
@@ -57,25 +57,16 @@ def open_run(spec: str, results: Path) -> tuple[Store, str]:
     return store, runs[-1]
 
 
-def _column(attack: str, norm: str, eps: float) -> str:
-    return CLEAN if attack == CLEAN else f"{attack} {norm}={eps:g}"
-
-
 def run_outcomes(store: Store, run_id: str, robust_thresholds=DEFAULT_ROBUST_THRESHOLDS) -> Outcomes:
-    """Every per-example binary outcome behind the tables: accuracy (and worst case), certified
-    accuracy at each T, robust recall at each (L_attack, T)."""
-    settings = store.run_info(run_id)["settings"]
-    cells = run_records(store, run_id)
+    """Every per-example binary outcome behind the registered tables that have them (bench.table_registry):
+    accuracy (and worst case), certified accuracy at each T, robust recall at each (L_attack, T), ..."""
+    run = run_data(store, run_id, robust_thresholds, infos=False)
     flags: "OrderedDict[tuple[str, str, str, str], dict[int, bool]]" = OrderedDict()
-    for (dataset, defense, attack, norm, eps), per_example in accuracy_flags(cells, settings["l_attack"]).items():
-        flags[("accuracy", dataset, defense, _column(attack, norm, eps))] = per_example
-    for (dataset, defense, certifier, norm, t), per_example in certified_flags(
-            cells, settings.get("thresholds", [])).items():
-        flags[("certified accuracy", dataset, defense, f"{norm} T={t:g} ({certifier})".strip())] = per_example
-    for (dataset, defense, certifier, attack, norm, eps, t), (_, correct) in robust_flags(
-            cells, settings["l_attack"], robust_thresholds).items():
-        flags[("robust recall", dataset, defense, f"{attack} {norm}={eps:g} T={t:g} ({certifier})")] = correct
-    by_label = {(c.dataset, c.defense_label, c.attack_label, c.eps): c for c, _ in cells}
+    for name, table in tables():
+        if table.outcomes is not None:
+            for (dataset, defense, column), per_example in table.outcomes(run):
+                flags[(table.compare_label or name, dataset, defense, column)] = per_example
+    by_label = {(c.dataset, c.defense_label, c.attack_label, c.eps): c for c, _ in run.cells}
     return Outcomes(flags, by_label)
 
 

@@ -163,7 +163,7 @@ def _targets(against: Any, defense_entries: dict[str, dict], where: str) -> set[
     if against in ("randomized", "deterministic"):
         want = against == "randomized"
         return {label for label, e in defense_entries.items()
-                if bool(getattr(DEFENSES.get(e["defense"]), "randomized", False)) == want}
+                if DEFENSES.info(e["defense"]).randomized == want}
     labels = set(_as_list(against, where))
     unknown = sorted(labels - set(defense_entries))
     if unknown:
@@ -212,13 +212,13 @@ def _attack_entries(raw: dict[str, Any], defense_entries: dict[str, dict]) -> di
     for label, entry in _check_keys(raw.get("attacks", {}), set(raw.get("attacks", {})), "[attacks]").items():
         entry = dict(_check_keys(entry, ATTACK_KEYS, f"[attacks.{label}]"))
         entry.setdefault("attack", label)
-        meta = ATTACKS.meta(entry["attack"])
+        info = ATTACKS.info(entry["attack"])
         entry["params"] = dict(_check_keys(entry.get("params", {}), set(entry.get("params", {})),
                                            f"attacks.{label}.params"))
         entry["dataset_params"] = _dataset_params(entry, f"attacks.{label}.dataset_params")
         for params in [entry["params"]] + [entry["params"] | p for p in entry["dataset_params"].values()]:
             _check_attack_params(entry["attack"], params, f"[attacks.{label}]")
-        if meta.get("minimum_norm"):
+        if info.minimum_norm:
             if "eps" in entry:
                 raise ConfigError(f"[attacks.{label}]: {entry['attack']} is a minimum-norm attack; drop 'eps' "
                                   "(accuracy is reported at every run.l_attack value)")
@@ -276,7 +276,7 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
                 # run's stratified subset: the selection is nested, so worst cases stay per example.
                 subset = min(a_entry.get("examples", examples), examples)
                 for eps in a_entry["eps"] if by_dataset is None else by_dataset.get(dataset, []):
-                    cells.append(Cell(attack=a_entry["attack"], norm=ATTACKS.meta(a_entry["attack"])["norm"], eps=eps,
+                    cells.append(Cell(attack=a_entry["attack"], norm=ATTACKS.info(a_entry["attack"]).norm, eps=eps,
                                       attack_params=a_params, attack_label=a_label, **(common | {"examples": subset})))
                     produced[a_label] += 1
     empty = [label for label, count in produced.items() if count == 0]

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.data import DatasetSpec
 from bench.models import build_model
-from bench.registry import MODELS
+from bench.registry import MODELS, DefenseInfo, RegistrationError
+
+__all__ = ["TrainConfig", "Defense", "CertifiedDefense", "check_defense_class", "certified_norm"]
 from bench.weights import WeightsError, call_factory, file_sha256, load_state, map_keys, read_checkpoint
 
 
@@ -36,15 +38,14 @@ class TrainConfig:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
 
 
-class Defense:
-    """A trainable defense; subclasses override `loss`, `after_step`, `attach` and add `certify`.
+class Defense(ABC):
+    """A trainable defense: builds its model, trains it with `loss` (abstract), predicts and judges.
 
-    Registration flags (`randomized`, `certified`) are class attributes so that the runner and
-    the checks can read them from the registry without building anything.
+    Subclasses must define `loss` (the training objective) and may override `after_step`,
+    `attach`, `predict` and `judge`; certified ones also implement `CertifiedDefense`. Facts about
+    a defense (randomized, certified, family, ...) live in its registry info (bench.registry.DefenseInfo),
+    never in class attributes.
     """
-
-    randomized = False
-    certified = False
 
     def __init__(self, spec: DatasetSpec, *, arch: str | None = None, arch_params: dict[str, Any] | None = None,
                  factory: str | None = None, factory_kwargs: dict[str, Any] | None = None,
@@ -75,6 +76,23 @@ class Defense:
         # Set by the training loop to a generator seeded per step: a defense's own training draws
         # (e.g. adversarial random starts) come from it, so training is reproducible and resumable.
         self.step_generator: torch.Generator | None = None
+
+    @property
+    def info(self) -> DefenseInfo:
+        """The registry info of this defense's class (or of its nearest registered base class)."""
+        from bench.registry import DEFENSES
+
+        for klass in type(self).__mro__:
+            name = DEFENSES.name_of(klass)
+            if name is not None:
+                return DEFENSES.info(name)
+        raise RegistrationError(f"{type(self).__name__} is not registered in DEFENSES; register it with "
+                                "@DEFENSES.register(name, family=..., randomized=..., certified=...)")
+
+    @property
+    def randomized(self) -> bool:
+        """Whether predictions draw noise: read from the registry info (the one place the fact lives)."""
+        return self.info.randomized
 
     @classmethod
     def resolve_params(cls, params: dict[str, Any]) -> dict[str, Any]:
@@ -115,13 +133,15 @@ class Defense:
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ValueError (one line) when `model` cannot be evaluated by this defense, e.g. a layer a bound lacks."""
+        return None
 
+    @abstractmethod
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
-        """Training loss of one batch at optimizer step `step` (plain cross-entropy here)."""
-        return F.cross_entropy(model(x), y)
+        """Training loss (a scalar) of one batch x (N, C, H, W), y (N,) at optimizer step `step`."""
 
     def after_step(self, model: nn.Module) -> None:
         """Hook run after every optimizer step (e.g. PixelDP's Parseval projection)."""
+        return None
 
     def train_state(self) -> dict[str, Any]:
         """Training-time state of the defense itself (tensors and plain values) saved in checkpoints."""
@@ -129,6 +149,7 @@ class Defense:
 
     def load_train_state(self, state: dict[str, Any]) -> None:
         """Restore what `train_state` returned, when training resumes from a checkpoint."""
+        return None
 
     def reseed(self, seed: int) -> None:
         """Restart the evaluation noise from `seed` (the runner does this per cell, so no cell's draws
@@ -154,15 +175,57 @@ class Defense:
         return self.predict(x_adv), None
 
 
+@runtime_checkable
+class CertifiedDefense(Protocol):
+    """What a certified defense provides besides `Defense`: radii with a guarantee, in a known norm."""
+
+    def certify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pred (N,), radius (N,)) for images x (N, C, H, W): radius >= 0, in input units of
+        `certified_norm`, within which pred is guaranteed (with the defense's stated failure
+        probability); 0 where nothing is certified."""
+        ...
+
+    @classmethod
+    def certified_norm(cls, params: dict[str, Any]) -> str:
+        """The norm ("l1", "l2" or "linf") of the radii for the resolved defense parameters `params`."""
+        ...
+
+
+def check_defense_class(name: str, cls: Any, info: DefenseInfo) -> None:
+    """Registration contract: a concrete Defense subclass whose methods agree with its DefenseInfo."""
+    where = f"defense {name!r}"
+    if not (inspect.isclass(cls) and issubclass(cls, Defense)):
+        raise RegistrationError(f"{where} must be a subclass of bench.defense.Defense, got {cls!r}")
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(cls.__abstractmethods__))
+        raise RegistrationError(f"{where}: {cls.__name__} does not implement {missing}")
+    if info.certified and not issubclass(cls, CertifiedDefense):
+        raise RegistrationError(f"{where} is registered certified=True but {cls.__name__} lacks "
+                                "certify(x) and certified_norm(params) (bench.defense.CertifiedDefense)")
+    if not info.certified and issubclass(cls, CertifiedDefense):
+        raise RegistrationError(f"{where}: {cls.__name__} implements certify; register it with certified=True")
+    accepted = {n for klass in cls.__mro__ if "__init__" in vars(klass) and klass is not object
+                for n in inspect.signature(vars(klass)["__init__"]).parameters}
+    unknown = sorted(set(info.eval_params) - accepted)
+    if unknown:
+        raise RegistrationError(f"{where}: eval_params names {unknown[0]!r}, not a parameter of {cls.__name__}")
+    if info.certified_norm is not None:
+        stated = cast("type[CertifiedDefense]", cls).certified_norm({})
+        if stated != info.certified_norm:
+            raise RegistrationError(f"{where}: certified_norm={info.certified_norm!r} but {cls.__name__}."
+                                    f"certified_norm({{}}) = {stated!r}")
+
+
 def certified_norm(defense: str, params: dict[str, Any]) -> str:
-    """The norm a certified defense's radii are in: its `norm` parameter, else its class's
-    `certified_norm(params)`; "" when unknown (e.g. a user's defense that states neither)."""
-    if params.get("norm"):
-        return str(params["norm"])
+    """The norm a certified defense's radii are in: its registered `certified_norm`, else its class's
+    `certified_norm(params)`; for a name not registered here (e.g. a plugin not loaded), its `norm`
+    parameter, else "" (unknown)."""
     from bench.registry import DEFENSES, load_builtins  # late: importing defenses fills the registry
 
     load_builtins()
     if defense not in DEFENSES:
-        return ""
-    rule = getattr(DEFENSES.get(defense), "certified_norm", None)
-    return str(rule(params) or "") if callable(rule) else ""
+        return str(params.get("norm") or "")
+    info = DEFENSES.info(defense)
+    if not info.certified:
+        return str(params.get("norm") or "")
+    return info.certified_norm or str(DEFENSES.get(defense).certified_norm(params) or "")

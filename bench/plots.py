@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -14,13 +15,13 @@ from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bench.registry import DEFENSES, Registry, load_builtins
 from bench.tables import CLEAN, WORST
 from bench.tables_certified import reference_accuracy
 
 BAND_MAX_N = 1000  # draw 95% Clopper-Pearson bands when a point rests on at most this many examples
 NORM_TEXT = {"l1": "L1", "l2": "L2", "linf": "L-inf"}
-FAMILIES = (("pixeldp", "PixelDP"), ("madry", "Madry"), ("wong_kolter", "convex"), ("convex", "convex"),
-            ("undefended", "undefended"))
+BASELINE_FAMILY = "undefended"  # a figure comparing defenses needs at least one other family
 PALETTE = sns.color_palette("colorblind")
 STYLE = {**sns.axes_style("whitegrid"), **sns.plotting_context("paper", font_scale=1.3),
          "font.family": "sans-serif", "legend.frameon": False, "pdf.fonttype": 42,
@@ -42,12 +43,11 @@ def new_figure(rows: int, cols: int, width: float = 6.0, height: float = 3.4) ->
     return figure, axes
 
 
-def family(registry_name: str) -> str | None:
-    """PixelDP / Madry / convex / undefended for a defense's registry name, else None."""
-    for prefix, name in FAMILIES:
-        if registry_name.startswith(prefix):
-            return name
-    return None
+def family(registry_name: str) -> str:
+    """The defense's registered family (DefenseInfo.family: PixelDP, Madry, convex, ...); a defense
+    registered without one, or not registered in this process (a plugin not loaded), is its own family."""
+    load_builtins()
+    return (DEFENSES.info(registry_name).family or registry_name) if registry_name in DEFENSES else registry_name
 
 
 def _line(ax, x, y, low, high, n, label: str, color, band_max_n: int, **style) -> None:
@@ -143,17 +143,17 @@ def plot_accuracy_vs_attack(accuracy: pd.DataFrame, band_max_n: int = BAND_MAX_N
 
 def plot_defense_comparison(accuracy: pd.DataFrame, registry_names: dict[tuple[str, str], str],
                             band_max_n: int = BAND_MAX_N) -> Figure | None:
-    """Fig. 4: PixelDP vs Madry vs convex (and undefended) under L2 and L-inf attacks; worst case per defense.
+    """Fig. 4: every defense of the run (PixelDP, Madry, convex, undefended, ...) under L2 and L-inf attacks,
+    worst case per defense, labelled by family; None when the run holds no family besides the baseline.
 
     Args:
         accuracy: the accuracy frame (bench.tables.accuracy_frame).
         registry_names: (dataset, defense label) -> registry name, to recognise each defense's family.
     """
     attacked = accuracy[accuracy["norm"] != ""]
-    chosen = [(d, label) for d, label in dict.fromkeys(zip(attacked["dataset"], attacked["defense"]))
-              if family(registry_names.get((d, label), label))]
-    if not {family(registry_names.get(k, k[1])) for k in chosen} - {"undefended"}:
-        return None  # none of PixelDP, Madry or convex in this run
+    chosen = list(dict.fromkeys(zip(attacked["dataset"], attacked["defense"])))
+    if not {family(registry_names.get(k, k[1])) for k in chosen} - {BASELINE_FAMILY}:
+        return None  # only undefended models: nothing to compare
     datasets = list(dict.fromkeys(d for d, _ in chosen))
     norms = [n for n in NORM_TEXT if n in set(attacked["norm"])]
     with publication_style():
@@ -221,3 +221,32 @@ def save_figure(figure: Figure, folder: Path, stem: str) -> dict[str, Path]:
         figure.savefig(paths["png"], dpi=200, bbox_inches="tight")
         figure.savefig(paths["pdf"], bbox_inches="tight")
     return paths
+
+
+@dataclass(frozen=True)
+class Plot:
+    """One figure of a report: the tables (bench.table_registry names) it reads and how it is drawn.
+
+    `draw(frames, registry_names)` gets every table's long frame by name (plus "certified_defenses")
+    and (dataset, defense label) -> registry name; it returns None when the run has nothing to show.
+    """
+
+    tables: tuple[str, ...]
+    draw: Callable[[dict[str, Any], dict[tuple[str, str], str]], Figure | None]
+
+
+PLOTS = Registry("figure")
+
+
+def figures() -> list[tuple[str, Plot]]:
+    """(file stem, plot) of every registered figure, by stem."""
+    return [(stem, PLOTS.get(stem)) for stem in PLOTS.names()]
+
+
+PLOTS.register("fig2_certified_accuracy", Plot(("certified",), lambda frames, names: plot_certified(frames["certified"])))
+PLOTS.register("fig3_accuracy_vs_attack", Plot(("accuracy",),
+                                               lambda frames, names: plot_accuracy_vs_attack(frames["accuracy"])))
+PLOTS.register("fig4_defense_comparison", Plot(("accuracy",), lambda frames, names: plot_defense_comparison(
+    frames["accuracy"], names)))
+PLOTS.register("fig5_robust_precision_recall", Plot(("robust", "accuracy"), lambda frames, names: plot_robust(
+    frames["robust"], frames["accuracy"], frames["certified_defenses"])))

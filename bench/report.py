@@ -10,12 +10,11 @@ from typing import Any
 import bench.plots
 from bench.checks import run_checks
 from bench.fingerprint import code_fingerprint
-from bench.plots import plot_accuracy_vs_attack, plot_certified, plot_defense_comparison, plot_robust, save_figure
+from bench.plots import figures, save_figure
 from bench.store import Store
-from bench.tables import ACCURACY_CAPTION, accuracy_frame, accuracy_pivot, to_text, write_accuracy_tables, write_table
-from bench.tables_certified import (CERTIFIED_CAPTION, DEFAULT_ROBUST_THRESHOLDS, ROBUST_CAPTION, certified_frame,
-                                    certified_pivot, clean_cells, is_certified, robust_frame, robust_pivot)
-from bench.tables_overhead import overhead_caption, overhead_frame, overhead_pivot
+from bench.table_registry import RunData, build_frames, tables
+from bench.tables import to_text, write_table
+from bench.tables_certified import DEFAULT_ROBUST_THRESHOLDS
 
 FIGURES = "figures"
 INPUTS_MARKER = ".inputs"  # digest of what a run's figures were drawn from (lets reruns copy them)
@@ -31,27 +30,30 @@ def run_cell_infos(store: Store, run_id: str) -> list[dict[str, Any] | None]:
     return [store.cell_info(key) for key, _ in store.run_cells(run_id)]
 
 
-def run_frames(store: Store, run_id: str, robust_thresholds=None) -> dict[str, Any]:
-    """Every table of a run as long frames, computed from its records and cell infos."""
+def run_data(store: Store, run_id: str, robust_thresholds=None, *, infos: bool = True) -> RunData:
+    """What a run's tables are built from: its records, cell infos (unless `infos` is False) and settings."""
     info = store.run_info(run_id)
     settings = info["settings"]
-    cells = run_records(store, run_id)
     thresholds = robust_thresholds or settings.get("robust_thresholds") or DEFAULT_ROBUST_THRESHOLDS
-    device = info["environment"].get("device_name") or info["environment"].get("device", "")
-    certified = {key for key, (_, records) in clean_cells(cells).items() if is_certified(records)}
-    return {
-        "info": info, "cells": cells, "certified_defenses": certified, "device": device,
-        "accuracy": accuracy_frame(cells, settings["l_attack"]),
-        "certified": certified_frame(cells, settings.get("thresholds", [])),
-        "robust": robust_frame(cells, settings["l_attack"], tuple(thresholds)),
-        "overhead": overhead_frame([(c, r, i) for (c, r), i in zip(cells, run_cell_infos(store, run_id))], device),
-    }
+    environment = info.get("environment") or {}
+    device = environment.get("device_name") or environment.get("device", "")
+    return RunData(cells=run_records(store, run_id), settings=settings,
+                   infos=run_cell_infos(store, run_id) if infos else [], device=device,
+                   robust_thresholds=tuple(thresholds))
+
+
+def run_frames(store: Store, run_id: str, robust_thresholds=None) -> dict[str, Any]:
+    """Every registered table of a run as a long frame (by table name), plus the run's info, cells and
+    certified defenses, computed from its records and cell infos."""
+    run = run_data(store, run_id, robust_thresholds)
+    return {"info": store.run_info(run_id), "cells": run.cells, "certified_defenses": run.certified_defenses,
+            "device": run.device, "run": run, **build_frames(run)}
 
 
 def _figure_inputs(frames: dict[str, Any], registry: dict) -> str:
     """Digest of everything the figures are drawn from: the plotted frames and the plotting code."""
     digest = hashlib.sha256(code_fingerprint(bench.plots).encode())
-    for name in ("certified", "accuracy", "robust"):
+    for name in dict.fromkeys(t for _, figure in figures() for t in figure.tables):
         digest.update(frames[name].to_csv(index=False).encode())
     digest.update(repr(sorted(registry.items())).encode() + repr(sorted(frames["certified_defenses"])).encode())
     return digest.hexdigest()
@@ -81,14 +83,8 @@ def write_figures(frames: dict[str, Any], folder: Path) -> dict[str, dict[str, P
     reused = _reuse_figures(folder, inputs)
     if reused is not None:
         return reused
-    figures = {
-        "fig2_certified_accuracy": plot_certified(frames["certified"]),
-        "fig3_accuracy_vs_attack": plot_accuracy_vs_attack(frames["accuracy"]),
-        "fig4_defense_comparison": plot_defense_comparison(frames["accuracy"], registry),
-        "fig5_robust_precision_recall": plot_robust(frames["robust"], frames["accuracy"],
-                                                    frames["certified_defenses"]),
-    }
-    paths = {stem: save_figure(figure, folder, stem) for stem, figure in figures.items() if figure is not None}
+    drawn = {stem: figure.draw(frames, registry) for stem, figure in figures()}
+    paths = {stem: save_figure(figure, folder, stem) for stem, figure in drawn.items() if figure is not None}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / INPUTS_MARKER).write_text(inputs)
     return paths
@@ -100,26 +96,24 @@ def write_report(store: Store, run_id: str, run_dir: Path, robust_thresholds=Non
     Returns the terminal text, the paths written, the accuracy frame ("frame") and all frames.
     """
     frames = run_frames(store, run_id, robust_thresholds)
-    info, cells = frames["info"], frames["cells"]
-    frame = frames["accuracy"]
+    info, cells, run = frames["info"], frames["cells"], frames["run"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Any] = dict(write_accuracy_tables(frame, run_dir))
-    text = "Accuracy under attack, % [95% Clopper-Pearson interval]\n" + to_text(accuracy_pivot(frame))
-    tables = [("certified_accuracy", frames["certified"], certified_pivot(frames["certified"]), CERTIFIED_CAPTION),
-              ("robust_precision_recall", frames["robust"],
-               robust_pivot(frames["robust"], frame, frames["certified_defenses"]), ROBUST_CAPTION),
-              ("overhead", frames["overhead"], overhead_pivot(frames["overhead"]), overhead_caption(frames["device"]))]
-    for stem, long, wide, caption in tables:
-        if long.empty:
+    paths: dict[str, Any] = {}
+    text = ""
+    for name, table in tables():
+        long = frames[name]
+        if long.empty and not table.write_empty:
             continue
-        paths[stem] = write_table(long, wide, run_dir, stem, caption)
-        text += "\n" + caption + "\n" + to_text(wide)
+        wide = table.pivot(long, frames, run)
+        caption = table.caption(run)
+        paths[table.stem] = write_table(long, wide, run_dir, table.stem, caption)
+        text += ("\n" if text else "") + (table.heading or caption) + "\n" + to_text(wide)
     paths["figures"] = write_figures(frames, run_dir / FIGURES)
     (run_dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     # The full resolved configuration of every cell, in run order, next to the settings and environment.
     (run_dir / "config.json").write_text(json.dumps(
         [{"key": key, **cell.config()} for key, cell in store.run_cells(run_id)], indent=2, sort_keys=True))
-    warnings = run_checks(cells, info["settings"]["l_attack"], run_cell_infos(store, run_id))
+    warnings = run_checks(cells, info["settings"]["l_attack"], run.infos)
     paths["checks"] = run_dir / "checks.txt"
     paths["checks"].write_text("".join(f"WARNING: {w}\n" for w in warnings) or "all sanity checks passed\n")
     text += "".join(f"\nWARNING: {w}" for w in warnings) + ("\n" if warnings else "")
@@ -130,4 +124,4 @@ def write_report(store: Store, run_id: str, run_dir: Path, robust_thresholds=Non
                   "re-run the same profile into the same results folder to finish it\n")
         text = banner + text
         paths["checks"].write_text(banner + paths["checks"].read_text())
-    return {"text": text, "paths": paths, "frame": frame, "frames": frames}
+    return {"text": text, "paths": paths, "frame": frames["accuracy"], "frames": frames}

@@ -14,16 +14,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import bench.models
-import bench.training
 from bench.cache import ModelCache
 from bench.checks import probe_gradients
 from bench.data import data_root as resolve_data_root
 from bench.data import gather, load_split, select_examples
-from bench.defense import Defense
+from bench.defense import CertifiedDefense, Defense
 from bench.overhead import DRAWS, measure_prediction
-from bench.registry import ATTACKS, DATASETS, DEFENSES
+from bench.registry import ATTACKS, DATASETS, DEFENSES, AttackInfo
 from bench.keys import cell_code, keyed, model_code, params_digest
 from bench.store import ClaimOwner, Store
+from bench.trained_models import TrainedModels
 from bench.training import CHECKPOINT_SECONDS
 from bench.types import Cell, Record, derive_seed
 
@@ -55,6 +55,24 @@ class RunOptions:
             raise ValueError(f"batch_size must be a whole number >= 1, got {self.batch_size!r}")
 
 
+def batch_records(indices: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, adv_pred: torch.Tensor,
+                  norms: torch.Tensor, radius: torch.Tensor | None, seconds: float | torch.Tensor,
+                  passes: int) -> list[Record]:
+    """One Record per example of a batch (all tensors (n,)); `seconds` (scalar or (n,)) and `passes` per example.
+
+    A NaN radius marks a row its clean cell did not certify (`certify_examples`): stored as None.
+    """
+    def radius_of(i: int) -> float | None:
+        return None if radius is None or math.isnan(float(radius[i])) else float(radius[i])
+
+    def seconds_of(i: int) -> float:
+        return float(seconds[i]) if isinstance(seconds, torch.Tensor) else seconds
+
+    return [Record(index=int(indices[i]), label=int(y[i]), clean_pred=int(pred[i]), adv_pred=int(adv_pred[i]),
+                   norm=float(norms[i]), radius=radius_of(i), seconds=seconds_of(i),
+                   forward_passes=passes) for i in range(len(y))]
+
+
 def cell_seed(key: str) -> int:
     """A 63-bit seed derived from a cell key: every cell draws its own reproducible randomness."""
     return derive_seed(key)
@@ -62,13 +80,6 @@ def cell_seed(key: str) -> int:
 
 class IncompleteCellError(RuntimeError):
     """A cell produced fewer records than it has examples; it is not stored."""
-
-
-def _radius_or_none(radius: torch.Tensor | None, is_certified: bool) -> float | None:
-    """A record's certified radius (a 0-d tensor); None where nothing is certified or the row is not."""
-    if radius is None or not is_certified:
-        return None
-    return float(radius)
 
 
 @contextmanager
@@ -100,6 +111,10 @@ class Runner:
         self.options = options
         self.owner = owner or ClaimOwner.this_process()
         self.cache = ModelCache(options.results_dir / "models", log=options.log)
+        self.models = TrainedModels(self.cache, store, self.owner, device=options.device, data_root=options.data_root,
+                                    download=options.download, progress=options.progress,
+                                    checkpoint_seconds=options.checkpoint_seconds,
+                                    poll_seconds=options.poll_seconds, log=options.log)
         self._defenses: dict[str, tuple[Defense, dict[str, Any]]] = {}
         self._test_sets: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -129,17 +144,20 @@ class Runner:
         """The trained defense of a cell (trained once, cached as safetensors) and its training info."""
         config = cell.defense_config()
         memo = repr(sorted(config.items()))
-        if memo in self._defenses:
-            return self._defenses[memo]
-        cls = DEFENSES.get(cell.defense)
-        defense = cls(DATASETS.get(cell.dataset), **cell.defense_params)
+        if memo not in self._defenses:
+            self._defenses[memo] = self._prepare(cell, config)
+        return self._defenses[memo]
+
+    def _prepare(self, cell: Cell, config: dict[str, Any]) -> tuple[Defense, dict[str, Any]]:
+        """Build the cell's defense, fill its model (cache or training) and attach it with seeded noise."""
+        defense = DEFENSES.get(cell.defense)(DATASETS.get(cell.dataset), **cell.defense_params)
         device = self.options.device
         with torch.random.fork_rng(devices=[]):
             # Seeded initialisation: the same cell gives the same weights whatever ran before in this process.
             torch.manual_seed(cell.seed)
             model = defense.starting_model().to(device)  # built, with the user's weights when given
         # Parameters a defense declares evaluation-only (e.g. draw counts) do not change the weights.
-        eval_only = getattr(cls, "eval_params", frozenset())
+        eval_only = set(DEFENSES.info(cell.defense).eval_params)
         trained = dict(config, defense_params={k: v for k, v in cell.defense_params.items() if k not in eval_only})
         path = self.cache.path(trained, model_code(cell.defense, cell.defense_params))
         steps = defense.train_config.steps
@@ -150,50 +168,9 @@ class Runner:
         if steps == 0:
             info["loaded_from_cache"] = False  # nothing to train: the model is used as built (e.g. pretrained)
         else:
-            info.update(self._trained(cell, defense, model, path, steps, trained))
+            info.update(self.models.obtain(cell, defense, model, path, steps, trained))
         defense.attach(model, torch.Generator(device=device).manual_seed(cell_seed(path.name)))
-        self._defenses[memo] = (defense, info)
         return defense, info
-
-    def _trained(self, cell: Cell, defense: Defense, model: nn.Module, path: Path, steps: int,
-                 config: dict[str, Any]) -> dict[str, Any]:
-        """Load the model from the cache, or train it (claiming it so that no other process trains it too)."""
-        claim = "model:" + path.name
-        announced = False
-        while True:
-            if self.cache.load(model, path):
-                stored = self.cache.metadata(path)
-                return {"loaded_from_cache": True} | {k: v for k, v in stored.items() if k.startswith("train_")}
-            state = self.store.claim(claim, self.owner)
-            if state == "mine":
-                break
-            if not announced:
-                self.options.log(f"waiting for {self.store.claim_holder(claim)} to train {cell.defense_label} on "
-                                 f"{cell.dataset}; its model will be reused")
-                announced = True
-            time.sleep(self.options.poll_seconds)
-        try:
-            if self.cache.load(model, path):  # trained while we were claiming it
-                stored = self.cache.metadata(path)
-                return {"loaded_from_cache": True} | {k: v for k, v in stored.items() if k.startswith("train_")}
-            resume = self.cache.load_checkpoint(path)
-            start = 0 if resume is None else int(resume["step"])
-            self.options.log(f"training {cell.defense_label} on {cell.dataset} ({steps} steps, {self.options.device})"
-                             + (f", resuming at step {start}" if start else ""))
-            train = load_split(cell.dataset, "train", resolve_data_root(self.options.data_root), self.options.download)
-            began = time.perf_counter()
-            losses = bench.training.fit(defense, model, train, steps=steps, seed=cell.seed, device=self.options.device,
-                                        progress=self.options.progress, resume=resume,
-                                        checkpoint=lambda state: self.cache.save_checkpoint(path, state),
-                                        checkpoint_seconds=self.options.checkpoint_seconds)
-            seconds = time.perf_counter() - began
-            stats = {"train_seconds": seconds, "train_seconds_per_step": seconds / max(steps - start, 1),
-                     "train_final_loss": losses[-1] if losses else None, "train_resumed_at": start}
-            self.cache.save(model, path, config, stats)
-            self.cache.drop_checkpoint(path)
-            return {"loaded_from_cache": False} | stats
-        finally:
-            self.store.release(claim, self.owner)
 
     def run_cell(self, cell: Cell, key: str) -> tuple[list[Record], dict[str, Any]]:
         """Attack (or certify) the cell's test examples batch by batch; returns records and info."""
@@ -205,10 +182,8 @@ class Runner:
         # so its records never depend on which cells ran before it or where it runs.
         generator = torch.Generator(device=device).manual_seed(cell_seed(key))
         defense.reseed(derive_seed(key, "defense"))
-        threat = cell.threat()
-        attack = None if cell.attack == "none" else ATTACKS.get(cell.attack)
-        meta = {} if attack is None else ATTACKS.meta(cell.attack)
-        kwargs = dict(cell.attack_params)
+        certified = DEFENSES.info(cell.defense).certified
+        attack_info = None if cell.attack == "none" else ATTACKS.info(cell.attack)
         records: list[Record] = []
         batch = self.options.batch_size
         bar = tqdm(range(0, len(indices), batch), desc=f"{cell.defense_label} x {cell.attack_label}"
@@ -217,69 +192,91 @@ class Runner:
             xb = x_all[start:start + batch].to(device)
             yb = y_all[start:start + batch].to(device)
             began = time.perf_counter()
+            row_seconds = None
             with count_forward_passes(defense.model) as passes:
-                if attack is None:
-                    rows = None if certify_rows is None else certify_rows[start:start + batch].to(device)
-                    pred, radius = self._clean(defense, xb, rows)
+                if attack_info is None:
+                    rows = None if certify_rows is None else certify_rows[start:start + len(yb)]
+                    pred, radius, row_seconds = self._clean(defense, xb, certified, rows)
                     adv_pred, norms = pred, torch.zeros(len(yb))
                 else:
-                    pred = defense.predict(xb)
-                    x_adv = attack(defense.model, xb, yb, threat=threat, generator=generator, **kwargs)
-                    self._check_output(cell, x_adv, xb, threat, meta)
-                    adv_pred, radius = defense.judge(x_adv)
-                    norms = threat.norm_of((x_adv - xb).detach()).cpu()
-                    if meta.get("minimum_norm"):
-                        # Clean errors need no perturbation; attack failures count as infinitely large.
-                        norms = torch.where(pred.cpu() != yb.cpu(), torch.zeros_like(norms), norms)
-                        norms = torch.where((pred.cpu() == yb.cpu()) & (adv_pred.cpu() == yb.cpu()),
-                                            torch.full_like(norms, math.inf), norms)
-            seconds = (time.perf_counter() - began) / len(yb)
-            per_example = passes[0] // len(yb)
-            for i in range(len(yb)):
-                records.append(Record(
-                    index=int(indices[start + i]), label=int(yb[i]), clean_pred=int(pred[i]),
-                    adv_pred=int(adv_pred[i]), norm=float(norms[i]),
-                    radius=_radius_or_none(None if radius is None else radius[i],
-                                           certify_rows is None or bool(certify_rows[start + i])),
-                    seconds=seconds,
-                    forward_passes=per_example))
-        info = {"defense": defense_info, "device": str(device), "attack_kwargs": kwargs,
-                "randomized": bool(getattr(defense, "randomized", False)), "eot": bool(meta.get("eot", False)),
-                "minimum_norm": bool(meta.get("minimum_norm", False))}
-        if attack is not None:
+                    pred, adv_pred, radius, norms = self._attacked(cell, defense, xb, yb, generator,
+                                                                   attack_info.minimum_norm)
+            seconds: float | torch.Tensor = (time.perf_counter() - began) / len(yb)
+            if row_seconds is not None:
+                seconds = row_seconds  # certified and predicted rows timed apart (certify_examples)
+            records += batch_records(indices[start:start + len(yb)], yb, pred, adv_pred, norms, radius, seconds,
+                                     passes[0] // len(yb))
+        return records, self._cell_info(cell, defense, defense_info, attack_info, x_all, y_all)
+
+    def _attacked(self, cell: Cell, defense: Defense, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+                  minimum_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(clean pred (N,), adversarial pred (N,), radii (N,) or None, perturbation norms (N,)) of one batch."""
+        threat = cell.threat()
+        assert threat is not None  # an attack cell always has a norm
+        pred = defense.predict(x)
+        x_adv = ATTACKS.get(cell.attack)(defense.model, x, y, threat=threat, generator=generator,
+                                         **dict(cell.attack_params))
+        self._check_output(cell, x_adv, x, threat)
+        adv_pred, radius = defense.judge(x_adv)
+        norms = threat.norm_of((x_adv - x).detach()).cpu()
+        if minimum_norm:
+            # Clean errors need no perturbation; attack failures count as infinitely large.
+            norms = torch.where(pred.cpu() != y.cpu(), torch.zeros_like(norms), norms)
+            norms = torch.where((pred.cpu() == y.cpu()) & (adv_pred.cpu() == y.cpu()),
+                                torch.full_like(norms, math.inf), norms)
+        return pred, adv_pred, radius, norms
+
+    def _cell_info(self, cell: Cell, defense: Defense, defense_info: dict[str, Any], attack_info: AttackInfo | None,
+                   x_all: torch.Tensor, y_all: torch.Tensor) -> dict[str, Any]:
+        """What the cell stores besides its records: training info, flags, gradient health or overhead timings."""
+        device, batch = self.options.device, self.options.batch_size
+        info = {"defense": defense_info, "device": str(device), "attack_kwargs": dict(cell.attack_params),
+                "randomized": DEFENSES.info(cell.defense).randomized, "eot": bool(attack_info and attack_info.eot),
+                "minimum_norm": bool(attack_info and attack_info.minimum_norm)}
+        if attack_info is not None:
             # Input-gradient health for bench.checks' masking warning (one pass, noise state restored).
             info["zero_gradients"] = probe_gradients(defense, x_all[:batch].to(device), y_all[:batch].to(device))
-        if attack is None:
+        else:
             # Prediction time per image at 1..1000 draws for the overhead table (random state restored).
             cap = self.options.max_draws
             draws = [k for k in self.options.overhead_draws if cap is None or k <= cap] or [1]
             info["overhead"] = measure_prediction(defense, x_all, device, draws=draws)
-        return records, info
+        return info
 
     @staticmethod
-    def _clean(defense: Defense, x: torch.Tensor,
-               certify_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Clean predictions (n,), and radii (n,) when the defense can certify.
+    def _clean(defense: Defense, x: torch.Tensor, certified: bool, certify_rows: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Clean predictions (n,), radii (n,) when the defense is registered certified, per-row seconds or None.
 
         With `certify_rows` (n,) bool only those rows are certified (their prediction is the
-        certified one) and the others are predicted with radius NaN, stored as "no certificate".
+        certified one); the others are predicted, with radius NaN ("not certified" in the records).
+        Certification and prediction are then timed apart, so each row carries its own cost.
         """
-        if not getattr(defense, "certified", False):
-            return defense.predict(x), None
+        if not certified:
+            return defense.predict(x), None, None
+        assert isinstance(defense, CertifiedDefense)  # checked at registration
         if certify_rows is None:
-            return defense.certify(x)
+            pred, radius = defense.certify(x)
+            return pred, radius, None
+        rows = certify_rows.to(x.device)
         pred = torch.empty(len(x), dtype=torch.long, device=x.device)
         radius = torch.full((len(x),), math.nan)
-        if bool(certify_rows.any()):
-            certified_pred, certified_radius = defense.certify(x[certify_rows])
-            pred[certify_rows] = certified_pred.to(pred.device)
-            radius[certify_rows.cpu()] = certified_radius.cpu().to(radius.dtype)
-        if not bool(certify_rows.all()):
-            pred[~certify_rows] = defense.predict(x[~certify_rows]).to(pred.device)
-        return pred, radius
+        seconds = torch.zeros(len(x), dtype=torch.float64)
+        for chosen, certify in ((rows, True), (~rows, False)):
+            if not bool(chosen.any()):
+                continue
+            began = time.perf_counter()
+            if certify:
+                certified_pred, certified_radius = defense.certify(x[chosen])
+                radius[chosen.cpu()] = certified_radius.detach().cpu().to(radius.dtype)
+            else:
+                certified_pred = defense.predict(x[chosen])
+            pred[chosen] = certified_pred.to(pred.device)
+            seconds[chosen.cpu()] = (time.perf_counter() - began) / int(chosen.sum())
+        return pred, radius, seconds
 
     @staticmethod
-    def _check_output(cell: Cell, x_adv: Any, x: torch.Tensor, threat, meta: dict[str, Any]) -> None:
+    def _check_output(cell: Cell, x_adv: Any, x: torch.Tensor, threat) -> None:
         """The runner, not the attack, checks that x_adv is a finite tensor in the ball and the box."""
         name = cell.attack_label
         if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:

@@ -8,22 +8,21 @@ import numpy as np
 import pandas as pd
 
 from bench.defense import certified_norm
+from bench.registry import DEFENSES, load_builtins
 from bench.tables import WORST, add_proportion, percent_with_ci
 from bench.types import Cell, Record
 
 DEFAULT_ROBUST_THRESHOLDS = (0.05, 0.1)
-# Registry-name prefixes of the certified defenses and the certificate each computes by default.
-DEFAULT_CERTIFIERS = (("pixeldp", "pixeldp"), ("wong_kolter", "convex"), ("convex", "convex"),
-                      ("randomized_smoothing", "cohen"))
 
 
 def certifier_name(cell: Cell) -> str:
-    """The certificate behind a cell's radii: defense_params["certifier"], else the defense's default."""
+    """The certificate behind a cell's radii: defense_params["certifier"], else the defense's registered
+    default (DefenseInfo.certifier), else the defense's name."""
     if cell.defense_params.get("certifier"):
         return str(cell.defense_params["certifier"])
-    for prefix, name in DEFAULT_CERTIFIERS:
-        if cell.defense.startswith(prefix):
-            return name
+    load_builtins()
+    if cell.defense in DEFENSES:
+        return DEFENSES.info(cell.defense).certifier or cell.defense
     return cell.defense
 
 

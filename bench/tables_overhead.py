@@ -41,7 +41,8 @@ def overhead_frame(cells: list[tuple[Cell, list[Record], dict[str, Any] | None]]
             for k, seconds in (info.get("overhead") or {}).get("predict_seconds_per_image", {}).items():
                 row[f"predict_s_{k}"] = float(seconds)
             if records and is_certified(records):
-                row["certify_s"] = float(np.mean([r.seconds for r in records]))
+                # Only certified rows: with certify_examples the others were merely predicted.
+                row["certify_s"] = float(np.mean([r.seconds for r in records if r.radius is not None]))
         elif records:
             passes.setdefault((cell.dataset, cell.defense_label), {}).setdefault(cell.attack_label, []).extend(
                 r.forward_passes for r in records)

@@ -19,7 +19,7 @@ class CatastrophicOverfittingWarning(UserWarning):
     """PGD accuracy on the monitor batch collapsed during fast adversarial training."""
 
 
-@DEFENSES.register("madry", randomized=False, certified=False)
+@DEFENSES.register("madry", family="Madry", randomized=False, certified=False)
 class Madry(Defense):
     """Train on PGD adversarial examples from a uniform random start (Madry et al., ICLR 2018).
 
@@ -48,9 +48,6 @@ class Madry(Defense):
         eps_ramp_steps: steps over which the training eps ramps linearly up to `eps` (0: full eps at once).
         **train: TrainConfig fields and arch / arch_params.
     """
-
-    randomized = False
-    certified = False
 
     def __init__(self, spec: DatasetSpec, *, norm: str = "linf", eps: float = 0.3, attack_steps: int = 40,
                  step_size: float | None = None, fast: bool = False, fast_step: float = 1.25,

@@ -98,7 +98,9 @@ def predict_from_counts(counts: np.ndarray, alpha: float) -> np.ndarray:
     return np.where(keep, order[:, 0], ABSTAIN)
 
 
-@DEFENSES.register("randomized_smoothing", randomized=True, certified=True)
+@DEFENSES.register("randomized_smoothing", family="randomized smoothing", randomized=True, certified=True,
+                   certified_norm="l2", certifier="cohen",
+                   eval_params=("draws_select", "draws_certify", "draws_attack", "draws_predict", "alpha", "chunk_rows"))
 class RandomizedSmoothing(Defense):
     """Randomized smoothing (Cohen et al., ICML 2019): the most likely class of f(x + N(0, sigma^2 I)), certified in L2.
 
@@ -120,10 +122,6 @@ class RandomizedSmoothing(Defense):
         chunk_rows: most noisy images per base-classifier forward pass.
         **params: Defense's architecture, weights and training arguments.
     """
-
-    randomized = True
-    certified = True
-    eval_params = frozenset({"draws_select", "draws_certify", "draws_attack", "draws_predict", "alpha", "chunk_rows"})
 
     @staticmethod
     def certified_norm(params: dict) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from bench.data import DatasetSpec
-from bench.defense import Defense
 from bench.registry import DEFENSES
+from defenses.undefended import Undefended
 
 
-@DEFENSES.register("user_model")
-class UserModel(Defense):
+# A user's model is evaluated as given: deterministic and uncertified. A model with its own noise or
+# certificate is registered by its author (a plugin) with its own DefenseInfo.
+@DEFENSES.register("user_model", family="user model", randomized=False, certified=False)
+class UserModel(Undefended):
     """Your own classifier: `factory` builds it ([0,1] images -> logits), `weights` fills it.
 
     With the default `steps = 0` the model is evaluated as given (weights required); with

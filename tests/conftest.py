@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from bench.data import gather, load_split, select_examples
-from bench.defense import Defense
+from defenses.undefended import Undefended
 from bench.registry import DATASETS, load_builtins
 from bench.training import fit
 
@@ -48,7 +48,7 @@ def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="session")
 def trained_cnn() -> nn.Module:
     """cnn_small trained for 300 steps on mnist5k (~97% clean accuracy), eval mode."""
-    defense = Defense(DATASETS.get("mnist5k"), arch="cnn_small", steps=300, batch_size=64, lr=1e-3)
+    defense = Undefended(DATASETS.get("mnist5k"), arch="cnn_small", steps=300, batch_size=64, lr=1e-3)
     model = defense.build_model()
     fit(defense, model, load_split("mnist5k", "train"), steps=300, seed=0, device=torch.device("cpu"),
         progress=False)

@@ -101,7 +101,7 @@ def test_a_changed_default_changes_the_resolved_parameters_and_the_key(monkeypat
         return x
 
     if "scratch_default" not in ATTACKS:
-        ATTACKS.register("scratch_default", attack_v1, norm="linf", minimum_norm=False)
+        ATTACKS.register("scratch_default", attack_v1, norm="linf", minimum_norm=False, eot=False)
     text = '[run]\nseed = 0\n[defenses.undefended]\n[attacks.scratch_default]\neps = 0.1\n'
     monkeypatch.setitem(ATTACKS._objects, "scratch_default", attack_v1)
     first = keyed(parse_profile(text, "t").cells)

@@ -82,13 +82,13 @@ def test_our_pgd_is_at_least_as_strong_as_the_libraries(trained_cnn, mnist_test)
 def main(examples: int = 50) -> None:
     """Print the three-way table on the smoke CNN (trained like the `trained_cnn` fixture)."""
     from bench.data import gather, load_split, select_examples
-    from bench.defense import Defense
+    from defenses.undefended import Undefended
     from bench.registry import DATASETS, load_builtins
     from bench.training import fit
 
     load_builtins()
     torch.set_num_threads(1)
-    defense = Defense(DATASETS.get("mnist5k"), arch="cnn_small", steps=300, batch_size=64, lr=1e-3)
+    defense = Undefended(DATASETS.get("mnist5k"), arch="cnn_small", steps=300, batch_size=64, lr=1e-3)
     model = defense.build_model()
     fit(defense, model, load_split("mnist5k", "train"), steps=300, seed=0, device=torch.device("cpu"), progress=False)
     model.eval()

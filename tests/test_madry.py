@@ -23,8 +23,8 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float 
 
 
 def test_registration_flags_and_params():
-    meta = DEFENSES.meta("madry")
-    assert meta == {"randomized": False, "certified": False}
+    info = DEFENSES.info("madry")
+    assert (info.family, info.randomized, info.certified, info.eval_params) == ("Madry", False, False, ())
     spec = DATASETS.get("mnist5k")
     defense = DEFENSES.get("madry")(spec, norm="l2", eps=1.5, attack_steps=7, step_size=0.3, steps=10)
     assert defense.threat == ThreatModel("l2", 1.5) and defense.attack_steps == 7

@@ -24,9 +24,10 @@ def _untrained(seed: int = 0, **params) -> PixelDP:
 
 
 def test_registration_flags_and_parameter_checks():
-    assert DEFENSES.meta("pixeldp") == {"randomized": True, "certified": True}
-    cls = DEFENSES.get("pixeldp")
-    assert cls.randomized and cls.certified
+    info = DEFENSES.info("pixeldp")
+    assert (info.family, info.randomized, info.certified, info.certifier) == ("PixelDP", True, True, "pixeldp")
+    assert info.certified_norm is None  # attack_norm / mechanism choose it: PixelDP.certified_norm(params)
+    assert "draws_certify" in info.eval_params and "L" not in info.eval_params
     for bad in ({"mechanism": "uniform"}, {"placement": "body"}, {"certifier": "cohen", "mechanism": "laplace"},
                 {"eta": 0.0}, {"draws_certify": 0}, {"eps": 2.0}, {"certifier": "magic"}):
         with pytest.raises(ValueError):

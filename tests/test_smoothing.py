@@ -138,9 +138,9 @@ def test_a_user_model_is_smoothed_certified_and_attacked_with_eot(trained_cnn, t
     (tmp_path / "nets.py").write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("nets", None)
-    from bench.defense import Defense
+    from defenses.undefended import Undefended
 
-    defense = Defense(DATASETS.get("mnist5k"), factory="nets:mlp", steps=150, lr=3e-3)
+    defense = Undefended(DATASETS.get("mnist5k"), factory="nets:mlp", steps=150, lr=3e-3)
     torch.manual_seed(0)
     model = defense.build_model()
     from bench.training import fit

@@ -17,11 +17,11 @@ def describe_models():
 
     rows = []
     for name in MODELS.names():
-        meta = MODELS.meta(name)
+        info = MODELS.info(name)
         users = [d for d in DATASETS.names() if DATASETS.get(d).default_model == name]
         spec = DATASETS.get(users[0]) if users else None
-        shape = tuple(meta.get("shape") or (spec.shape if spec else (1, 28, 28)))
-        classes = int(meta.get("classes") or (spec.classes if spec else 10))
+        shape = tuple(info.shape or (spec.shape if spec else (1, 28, 28)))
+        classes = int(info.classes or (spec.classes if spec else 10))
         with torch.device("meta"):
             model = build_model(name, shape, classes)
         # All parameters, frozen ones included (a frozen pretrained classifier is still part of the model).

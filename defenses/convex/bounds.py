@@ -1,7 +1,7 @@
 """Bound propagation for sequential ReLU networks: IBP, Wong-Kolter (= Fast-Lin), CROWN and CROWN-IBP."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,63 @@ def _fold_batchnorm(layer, bn: nn.modules.batchnorm._BatchNorm):
     return ChannelAffine(scale.view(view), shift.view(view))
 
 
+def _flatten(module: nn.Flatten) -> Flatten:
+    if module.start_dim != 1 or module.end_dim != -1:
+        raise BoundError("only nn.Flatten(start_dim=1, end_dim=-1) is supported")
+    return Flatten()
+
+
+def _normalize(module: Normalize) -> ChannelAffine:
+    std = module.std.reshape(-1, 1, 1)
+    return ChannelAffine(1.0 / std, -module.mean.reshape(-1, 1, 1) / std)
+
+
+def _dropout(module: nn.Dropout) -> None:
+    if module.training:
+        raise BoundError("unsupported layer Dropout in training mode; bounds handle eval-mode Dropout")
+    return None
+
+
+# Leaf modules in the order they are matched (isinstance), each to its bound layer (None: the identity).
+_LEAVES: tuple[tuple[type | tuple[type, ...], Any], ...] = (
+    (nn.Linear, lambda m: Linear(m.weight, m.bias)),
+    (nn.Conv2d, lambda m: Conv(m, m.weight, m.bias)),
+    (nn.ReLU, lambda m: ReLU()),
+    (nn.Flatten, _flatten),
+    (Normalize, _normalize),
+    (nn.Identity, lambda m: None),
+    (nn.Dropout, _dropout),
+)
+
+
+def _children(module: nn.Module) -> list[nn.Module] | None:
+    """The parts of a container (ImageClassifier, nn.Sequential) in forward order; None for a leaf."""
+    if isinstance(module, ImageClassifier):
+        if not isinstance(module.noise, nn.Identity):
+            raise BoundError("the model's noise layer is not the identity; a randomized network has no "
+                             "deterministic bound")
+        return [module.normalize, module.stem, module.noise, module.body]
+    if isinstance(module, nn.Sequential):
+        return list(module)
+    return None
+
+
+def _add_leaf(module: nn.Module, layers: list) -> None:
+    """Append the bound layer of one leaf module to `layers` (BatchNorm folds into the layer before it)."""
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        previous = layers.pop() if layers and isinstance(layers[-1], (Linear, Conv)) else None
+        layers.append(_fold_batchnorm(previous, module))
+        return
+    for kind, convert in _LEAVES:
+        if isinstance(module, kind):
+            layer = convert(module)
+            if layer is not None:
+                layers.append(layer)
+            return
+    raise BoundError(f"unsupported layer {type(module).__name__}; bounds handle Linear, Conv2d, ReLU, "
+                     "Flatten, Normalize, BatchNorm (folded) and Identity")
+
+
 def linearize(model: nn.Module) -> list:
     """Flatten a model into a list of Linear / Conv / ChannelAffine / Flatten / ReLU layers.
 
@@ -174,36 +231,12 @@ def linearize(model: nn.Module) -> list:
     layers: list = []
 
     def visit(module: nn.Module) -> None:
-        if isinstance(module, ImageClassifier):
-            if not isinstance(module.noise, nn.Identity):
-                raise BoundError("the model's noise layer is not the identity; a randomized network has no "
-                                 "deterministic bound")
-            for child in (module.normalize, module.stem, module.noise, module.body):
-                visit(child)
-        elif isinstance(module, nn.Sequential):
-            for child in module:
-                visit(child)
-        elif isinstance(module, nn.Linear):
-            layers.append(Linear(module.weight, module.bias))
-        elif isinstance(module, nn.Conv2d):
-            layers.append(Conv(module, module.weight, module.bias))
-        elif isinstance(module, nn.ReLU):
-            layers.append(ReLU())
-        elif isinstance(module, nn.Flatten):
-            if module.start_dim != 1 or module.end_dim != -1:
-                raise BoundError("only nn.Flatten(start_dim=1, end_dim=-1) is supported")
-            layers.append(Flatten())
-        elif isinstance(module, Normalize):
-            std = module.std.reshape(-1, 1, 1)
-            layers.append(ChannelAffine(1.0 / std, -module.mean.reshape(-1, 1, 1) / std))
-        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            previous = layers.pop() if layers and isinstance(layers[-1], (Linear, Conv)) else None
-            layers.append(_fold_batchnorm(previous, module))
-        elif isinstance(module, nn.Identity) or (isinstance(module, nn.Dropout) and not module.training):
-            return
+        children = _children(module)
+        if children is None:
+            _add_leaf(module, layers)
         else:
-            raise BoundError(f"unsupported layer {type(module).__name__}; bounds handle Linear, Conv2d, ReLU, "
-                             "Flatten, Normalize, BatchNorm (folded) and Identity")
+            for child in children:
+                visit(child)
 
     visit(model)
     return layers

@@ -13,7 +13,7 @@ from bench.registry import DEFENSES
 from defenses.convex.bounds import METHODS, BoundError, certified, linearize, margin_lower_bounds
 
 
-@DEFENSES.register("wong_kolter", randomized=False, certified=True)
+@DEFENSES.register("wong_kolter", family="convex", randomized=False, certified=True, certifier="convex")
 class WongKolter(Defense):
     """Provably robust training against an L-inf or L2 ball (Wong & Kolter, ICML 2018).
 
@@ -37,8 +37,10 @@ class WongKolter(Defense):
         **train: TrainConfig fields (steps, batch_size, lr, ...).
     """
 
-    randomized = False
-    certified = True
+    @staticmethod
+    def certified_norm(params: dict) -> str:
+        """The radii are in the trained ball's norm (`norm`, L-inf by default)."""
+        return str(params.get("norm") or "linf")
 
     def __init__(self, spec: DatasetSpec, *, norm: str = "linf", eps: float = 0.1, bound: str = "wong",
                  certify_bound: str | None = None, eps_start: float = 0.001, ramp: float = 1 / 3,

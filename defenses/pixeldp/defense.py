@@ -23,7 +23,10 @@ PLACEMENTS = ("input", "stem")
 STATISTICS = ("softmax", "votes")
 
 
-@DEFENSES.register("pixeldp", randomized=True, certified=True)
+# Parameters that only change evaluation: models trained under other values are reused.
+@DEFENSES.register("pixeldp", family="PixelDP", randomized=True, certified=True, certifier="pixeldp",
+                   eval_params=("draws_certify", "draws_attack", "draws_predict", "eta", "certifier", "statistic",
+                                "bound", "chunk_rows"))
 class PixelDP(Defense):
     """PixelDP (Lecuyer et al., IEEE S&P 2019): a DP noise layer makes predictions certifiably robust.
 
@@ -62,16 +65,10 @@ class PixelDP(Defense):
         **train: Defense's architecture and training arguments (arch, steps, lr, ...).
     """
 
-    randomized = True
-    certified = True
-
     @staticmethod
     def certified_norm(params: dict) -> str:
         """The radii's input norm: `attack_norm`, else L2 for Gaussian and L1 for Laplace noise."""
         return params.get("attack_norm") or ("l1" if params.get("mechanism") == "laplace" else "l2")
-    # Parameters that only change evaluation: models trained under other values are reused.
-    eval_params = frozenset({"draws_certify", "draws_attack", "draws_predict", "eta", "certifier", "statistic",
-                             "bound", "chunk_rows"})
 
     def __init__(self, spec: DatasetSpec, *, L: float = 0.1, eps: float = 1.0, delta: float = 0.05,
                  mechanism: str = "gaussian", attack_norm: str | None = None, placement: str = "stem", draws_certify: int = 2000,

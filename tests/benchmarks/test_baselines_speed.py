@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench.defense import Defense
+from defenses.undefended import Undefended
 from bench.registry import DATASETS
 from bench.training import make_optimizer
 from defenses.convex.bounds import METHODS, certified
@@ -59,7 +60,7 @@ def test_training_step_cost_relative_to_undefended(benchmark, name, make):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     defense = make()
-    plain = Defense(SPEC, arch=defense.arch)
+    plain = Undefended(SPEC, arch=defense.arch)
     x = torch.rand(BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(1))
     timings = {}

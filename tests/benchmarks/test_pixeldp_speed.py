@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bench.defense import Defense
+from defenses.undefended import Undefended
 from bench.registry import DATASETS
 from bench.training import make_optimizer
 from defenses.pixeldp.defense import PixelDP
@@ -89,7 +90,7 @@ def test_train_step_overhead(benchmark, arch, target):
     torch.manual_seed(0)
     x = torch.rand(64, 1, 28, 28)
     y = torch.randint(0, 10, (64,))
-    plain = Defense(SPEC, arch=arch)
+    plain = Undefended(SPEC, arch=arch)
     pixeldp = PixelDP(SPEC, L=0.1, arch=arch)
     steps = {}
     for name, d in (("undefended", plain), ("pixeldp", pixeldp)):
