@@ -263,7 +263,7 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
             common = dict(dataset=dataset, defense=d_entry["defense"], defense_params=d_params,
                           examples=examples, seed=seed, max_steps=max_steps, defense_label=d_label)
             certify = certify_examples if certify_examples is not None and certify_examples < examples else None
-            if not getattr(DEFENSES.get(d_entry["defense"]), "certified", False):
+            if not DEFENSES.info(d_entry["defense"]).certified:
                 certify = None
             cells.append(Cell(attack="none", certify_examples=certify, **common))
             for a_label, a_entry in attack_entries.items():

@@ -7,10 +7,13 @@ from torch import nn
 
 from bench.data import gather, load_split, select_examples
 from defenses.undefended import Undefended
-from bench.registry import DATASETS, load_builtins
+from bench.plugins import load_plugins
+from bench.registry import DATASETS
 from bench.training import fit
 
-load_builtins()
+# Built-ins and installed plugins (the test env installs tests/plugin_pkg), as the CLI loads them:
+# the registries are the same in every test whatever ran first, and contract tests cover the plugin.
+load_plugins()
 torch.set_num_threads(1)  # two xdist workers share two CPU cores
 
 

@@ -119,8 +119,8 @@ def _forget(module: str, attack: str) -> None:
     sys.modules.pop(module, None)
     sys.modules.pop(module.split(".")[0], None)
     plugins._LOADED.pop(module, None)
-    ATTACKS._objects.pop(attack, None)
-    ATTACKS._meta.pop(attack, None)
+    if attack in ATTACKS:
+        ATTACKS.unregister(attack)
 
 
 @pytest.mark.parametrize("listed, message", [

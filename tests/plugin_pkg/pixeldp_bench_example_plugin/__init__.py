@@ -36,13 +36,14 @@ ATTACKS.register("plugin_fgsm", fast_gradient_sign, norm="linf", minimum_norm=Fa
 class CertifiedLinear(Defense):
     """A linear classifier on raw pixels with its exact L-inf certificate (margin over the dual L1 norm)."""
 
-    randomized = False
-    certified = True
-
     @staticmethod
     def certified_norm(params: dict[str, Any]) -> str:
         """The radii of `certify` are L-inf distances."""
         return "linf"
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """Cross-entropy of one clean batch x (N, C, H, W), y (N,): plain training, the certificate is exact."""
+        return F.cross_entropy(model(x), y)
 
     def build_model(self) -> nn.Module:
         """(N, C, H, W) in [0, 1] -> logits (N, classes) = W x + b; ignores `arch` (the model must be linear)."""
