@@ -20,6 +20,7 @@ from bench.report import write_report
 from bench.cache import CacheError
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
 from bench.store import Store, StoreError
+from bench.table_registry import tables
 
 __all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
 
@@ -171,6 +172,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         attack = ATTACKS.info(name)
         kind = "minimum-norm" if attack.minimum_norm else "fixed-eps"
         print(f"  {name:24s} {attack.norm:5s} {kind:13s}{' EOT' if attack.eot else ''}")
+    print("tables:")
+    for name, table in tables():
+        print(f"  {name:24s} {table.stem}.csv / .md / .tex")
     print("profiles:")
     print("  " + ", ".join(shipped_profiles()))
     if loaded_plugins():
