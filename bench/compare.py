@@ -24,7 +24,7 @@ BASELINE_NAME = "baseline.json"
 class Outcomes:
     """Per-example binary outcomes of every table cell of one run, plus its cell configurations."""
 
-    flags: "OrderedDict[tuple[str, str, str, str], dict[int, bool]]"  # (table, dataset, defense, column) -> {index: ok}
+    flags: OrderedDict[tuple[str, str, str, str], dict[int, bool]]  # (table, dataset, defense, column) -> {index: ok}
     cells: dict[tuple, Cell]  # (dataset, defense label, attack label, eps) -> cell
 
 
@@ -61,7 +61,7 @@ def run_outcomes(store: Store, run_id: str, robust_thresholds=DEFAULT_ROBUST_THR
     """Every per-example binary outcome behind the registered tables that have them (bench.table_registry):
     accuracy (and worst case), certified accuracy at each T, robust recall at each (L_attack, T), ..."""
     run = run_data(store, run_id, robust_thresholds, infos=False)
-    flags: "OrderedDict[tuple[str, str, str, str], dict[int, bool]]" = OrderedDict()
+    flags: OrderedDict[tuple[str, str, str, str], dict[int, bool]] = OrderedDict()
     for name, table in tables():
         if table.outcomes is not None:
             for (dataset, defense, column), per_example in table.outcomes(run):

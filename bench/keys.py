@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bench import __version__
 from bench.fingerprint import code_fingerprint

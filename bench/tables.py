@@ -37,15 +37,15 @@ def correctness_columns(cell: Cell, records: list[Record], l_attack: dict[str, l
 
 
 def accuracy_flags(cells: list[tuple[Cell, list[Record]]],
-                   l_attack: dict[str, list[float]]) -> "OrderedDict[tuple, dict[int, bool]]":
+                   l_attack: dict[str, list[float]]) -> OrderedDict[tuple, dict[int, bool]]:
     """Per-example correctness of every accuracy-table row: (dataset, defense, attack, norm, eps) -> {index: ok}.
 
     `norm` is "" and `eps` NaN for the clean row. The worst case per (dataset, defense, norm,
     eps) is the per-example AND over every attack, i.e. the minimum over attacks example by
     example, never an average of accuracies; it is added only where two or more attacks meet.
     """
-    rows: "OrderedDict[tuple, dict[int, bool]]" = OrderedDict()
-    worst: "OrderedDict[tuple, dict[int, bool]]" = OrderedDict()
+    rows: OrderedDict[tuple, dict[int, bool]] = OrderedDict()
+    worst: OrderedDict[tuple, dict[int, bool]] = OrderedDict()
     attacks_per_slot: dict[tuple, set] = {}
     for cell, records in cells:
         if not records:

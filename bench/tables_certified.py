@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -41,15 +41,15 @@ def radii(records: list[Record]) -> np.ndarray:
     return np.array([np.nan if r.radius is None else r.radius for r in records], dtype=float)
 
 
-def clean_cells(cells: list[tuple[Cell, list[Record]]]) -> "OrderedDict[tuple[str, str], tuple[Cell, list[Record]]]":
+def clean_cells(cells: list[tuple[Cell, list[Record]]]) -> OrderedDict[tuple[str, str], tuple[Cell, list[Record]]]:
     """(dataset, defense label) -> its clean cell and records (finished cells only)."""
     return OrderedDict(((c.dataset, c.defense_label), (c, r)) for c, r in cells if c.attack == "none" and r)
 
 
 def certified_flags(cells: list[tuple[Cell, list[Record]]],
-                    thresholds: list[float]) -> "OrderedDict[tuple, dict[int, bool]]":
+                    thresholds: list[float]) -> OrderedDict[tuple, dict[int, bool]]:
     """(dataset, defense, certifier, radius norm, T) -> {index: correct AND radius >= T} per certified clean cell."""
-    out: "OrderedDict[tuple, dict[int, bool]]" = OrderedDict()
+    out: OrderedDict[tuple, dict[int, bool]] = OrderedDict()
     for (dataset, defense), (cell, records) in clean_cells(cells).items():
         if not is_certified(records):
             continue
@@ -119,10 +119,10 @@ def judged_under_attack(cell: Cell, records: list[Record], clean: list[Record] |
 
 
 def robust_flags(cells: list[tuple[Cell, list[Record]]], l_attack: dict[str, list[float]],
-                 thresholds=DEFAULT_ROBUST_THRESHOLDS) -> "OrderedDict[tuple, tuple[dict[int, bool], dict[int, bool]]]":
+                 thresholds=DEFAULT_ROBUST_THRESHOLDS) -> OrderedDict[tuple, tuple[dict[int, bool], dict[int, bool]]]:
     """(dataset, defense, certifier, attack, norm, L_attack, T) -> ({index: radius >= T}, {index: correct and radius >= T})."""
     cleans = clean_cells(cells)
-    out: "OrderedDict[tuple, tuple[dict[int, bool], dict[int, bool]]]" = OrderedDict()
+    out: OrderedDict[tuple, tuple[dict[int, bool], dict[int, bool]]] = OrderedDict()
     for cell, records in cells:
         if cell.attack == "none" or not records or not is_certified(records):
             continue

@@ -1,7 +1,8 @@
 """Bound propagation for sequential ReLU networks: IBP, Wong-Kolter (= Fast-Lin), CROWN and CROWN-IBP."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
