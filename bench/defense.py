@@ -110,7 +110,8 @@ class Defense(ABC):
         return model
 
     def starting_model(self) -> nn.Module:
-        """`build_model()` with the user's `weights` loaded: what training starts from, or, with steps = 0, the model."""
+        """`build_model()` with the user's `weights` loaded: what training starts from, or, with steps = 0,
+        the model."""
         model = self.build_model()
         if self.weights is not None:
             path = self.weights.resolve()

@@ -89,18 +89,20 @@ def certify_from_counts(select: np.ndarray, estimate: np.ndarray, draws: int, si
 
 
 def predict_from_counts(counts: np.ndarray, alpha: float) -> np.ndarray:
-    """Cohen et al.'s PREDICT: the top class when a two-sided binomial test of top vs runner-up rejects at alpha, else -1."""
+    """Cohen et al.'s PREDICT: the top class when a two-sided binomial test of top vs runner-up rejects at alpha,
+    else -1."""
     order = np.argsort(-counts, axis=1, kind="stable")
     rows = np.arange(len(counts))
     top, second = counts[rows, order[:, 0]], counts[rows, order[:, 1]]
     keep = np.array([binomtest(int(a), int(a + b), 0.5).pvalue <= alpha if a + b > 0 else False
-                     for a, b in zip(top, second)], dtype=bool)
+                     for a, b in zip(top, second, strict=True)], dtype=bool)
     return np.where(keep, order[:, 0], ABSTAIN)
 
 
 @DEFENSES.register("randomized_smoothing", family="randomized smoothing", randomized=True, certified=True,
                    certified_norm="l2", certifier="cohen",
-                   eval_params=("draws_select", "draws_certify", "draws_attack", "draws_predict", "alpha", "chunk_rows"))
+                   eval_params=("draws_select", "draws_certify", "draws_attack", "draws_predict", "alpha",
+                                "chunk_rows"))
 class RandomizedSmoothing(Defense):
     """Randomized smoothing (Cohen et al., ICML 2019): the most likely class of f(x + N(0, sigma^2 I)), certified in L2.
 
