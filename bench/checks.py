@@ -200,8 +200,9 @@ def check_certified_vs_attack(cells: CellRecords, l_attack: dict[str, list[float
     return warnings
 
 
-def huge_eps(dataset: str, norm: str) -> float:
-    """The smallest budget from which every image of `dataset` can reach the constant 0.5 image."""
+def huge_eps(dataset: str, norm: str | None) -> float:
+    """The smallest budget from which every image of `dataset` can reach the constant 0.5 image (L2 unless
+    `norm` is "linf" or "l1")."""
     if norm == "linf":
         return HUGE_LINF
     from bench.registry import DATASETS

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -118,7 +119,7 @@ def compare_outcomes(base: Outcomes, new: Outcomes, *, tolerance: float = 0.02, 
     """
     rows = []
     for key in list(base.flags) + [k for k in new.flags if k not in base.flags]:
-        row = dict(zip(("table", "dataset", "defense", "column"), key, strict=True))
+        row: dict[str, Any] = dict(zip(("table", "dataset", "defense", "column"), key, strict=True))
         a, b = base.flags.get(key), new.flags.get(key)
         row |= {"n_base": len(a) if a else 0, "n_new": len(b) if b else 0,
                 "base": np.mean(list(a.values())) if a else np.nan, "new": np.mean(list(b.values())) if b else np.nan}

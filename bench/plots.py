@@ -204,8 +204,8 @@ def plot_robust(robust: pd.DataFrame, accuracy: pd.DataFrame, certified_defenses
             others = [o for o in dict.fromkeys(accuracy.loc[accuracy["dataset"] == dataset, "defense"])
                       if (dataset, o) not in certified_defenses]
             for j, other in enumerate(others):
-                refs = [(e, reference_accuracy(accuracy, dataset, other, attack, norm, e)) for e in eps_grid]
-                refs = [(e, ref) for e, ref in refs if ref is not None]
+                refs = [(e, ref) for e in eps_grid
+                        if (ref := reference_accuracy(accuracy, dataset, other, attack, norm, e)) is not None]
                 if refs:
                     ax.plot([e for e, _ in refs], [100 * ref["accuracy"] for _, ref in refs], linestyle=":",
                             marker="s", markersize=3, color=("black", "grey", "dimgrey")[j % 3],

@@ -32,7 +32,8 @@ def correctness_columns(cell: Cell, records: list[Record], l_attack: dict[str, l
         yield cell.attack_label, cell.norm, cell.eps, clean_ok & (np.array([r.adv_pred for r in records]) == label)
         return
     norms = np.array([r.norm for r in records])
-    for eps in l_attack.get(cell.norm, []):
+    grid = l_attack.get(cell.norm, []) if cell.norm is not None else []  # no norm: no L_attack grid
+    for eps in grid:
         yield cell.attack_label, cell.norm, eps, clean_ok & (norms > eps)
 
 

@@ -113,7 +113,8 @@ def judged_under_attack(cell: Cell, records: list[Record], clean: list[Record] |
     by_index = {} if clean is None else {r.index: r.radius for r in clean}
     clean_radius = np.array([np.nan if by_index.get(i) is None else by_index[i] for i in indices], dtype=float)
     norms = np.array([r.norm for r in records])
-    for eps in l_attack.get(cell.norm, []):
+    grid = l_attack.get(cell.norm, []) if cell.norm is not None else []  # no norm: no L_attack grid
+    for eps in grid:
         found = norms <= eps
         yield float(eps), indices, clean_ok & ~found, np.where(found, radius, clean_radius)
 

@@ -47,7 +47,7 @@ class DividedConv2d(nn.Conv2d):
         new.to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(conv.weight)
-            if conv.bias is not None:
+            if conv.bias is not None and new.bias is not None:  # new has a bias exactly when conv has one
                 new.bias.copy_(conv.bias)
         return new
 
