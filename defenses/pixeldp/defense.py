@@ -79,8 +79,7 @@ class PixelDP(Defense):
     def __init__(self, spec: DatasetSpec, *, L: float = 0.1, eps: float = 1.0, delta: float = 0.05,
                  mechanism: str = "gaussian", attack_norm: str | None = None, placement: str = "stem",
                  draws_certify: int = 2000, draws_attack: int = 300, draws_predict: int = 25, eta: float = 0.05,
-                 certifier: str = "pixeldp",
-                 statistic: str = "softmax", bound: str = "auto", noise_ramp_steps: int = 0,
+                 certifier: str = "pixeldp", statistic: str = "softmax", bound: str = "auto", noise_ramp_steps: int = 0,
                  noise_ramp_start: float = 0.1, parseval_beta: float = 3e-4, parseval_iters: int = 20,
                  orthogonal_init: bool = True, chunk_rows: int = 2048, **train: Any):
         super().__init__(spec, **train)
