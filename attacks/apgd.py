@@ -172,7 +172,7 @@ def auto_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Thre
             raise ValueError(f"APGD-T (targeted DLR) needs at least 4 classes, the model has {classes}")
         # Targets: the clean point's k-th most likely classes other than the truth (AutoAttack's order).
         ranked = other_classes(clean_logits, y).argsort(dim=1, descending=True)
-        target_sets = [ranked[:, k] for k in range(min(target_classes, classes - 1))]
+        target_sets: list[torch.Tensor | None] = [ranked[:, k] for k in range(min(target_classes, classes - 1))]
     else:
         target_sets = [None]
     objectives = [_objective(loss, targets) for targets in target_sets]

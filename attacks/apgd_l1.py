@@ -176,7 +176,7 @@ def apgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Threa
         if classes < 4:
             raise ValueError(f"L1-APGD-T (targeted DLR) needs at least 4 classes, the model has {classes}")
         ranked = other_classes(clean_logits, y).argsort(dim=1, descending=True)
-        target_sets = [ranked[:, k] for k in range(min(target_classes, classes - 1))]
+        target_sets: list[torch.Tensor | None] = [ranked[:, k] for k in range(min(target_classes, classes - 1))]
     else:
         target_sets = [None]
     schedule = SCHEDULE if large_eps_schedule and steps >= len(SCHEDULE) else ((1.0, 1.0),)

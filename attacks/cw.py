@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -23,7 +24,16 @@ TARGETS = ("none", "next", "random")
 STEPS, BINARY_STEPS, C0, LR = 100, 9, 1.0, 0.1
 # The paper's values (Carlini & Wagner 2017; Lecuyer et al. 2019): a documented, weaker preset
 # (`cw_l2_paper`): on the smoke CNN it fails on about half of the correctly classified examples.
-PAPER = {"steps": 100, "binary_steps": 9, "c": 1e-3, "lr": 1e-2}
+class PaperSettings(TypedDict):
+    """Carlini & Wagner's (and PixelDP's) CW L2 settings: step counts are ints, c and lr floats."""
+
+    steps: int
+    binary_steps: int
+    c: float
+    lr: float
+
+
+PAPER: PaperSettings = {"steps": 100, "binary_steps": 9, "c": 1e-3, "lr": 1e-2}
 
 
 def margin_loss(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:

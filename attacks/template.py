@@ -158,7 +158,7 @@ def register_attack(name: str, attack: Algorithm | None = None, *, norm: str, mi
     if attack is None:
         return functools.partial(register_attack, name, norm=norm, minimum_norm=minimum_norm, eot=eot,
                                  projected=projected, idle=idle, registry=registry, **meta)
-    options = {"minimum_norm": minimum_norm, "projected": projected, "idle": idle}
+    options: dict[str, Any] = {"minimum_norm": minimum_norm, "projected": projected, "idle": idle}
     contract: Contract | None = getattr(attack, "contract", None)
     if contract is not None:
         if norm not in contract.norms:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -97,7 +98,7 @@ def check_monotone(cells: CellRecords, l_attack: dict[str, list[float]]) -> list
     warnings = []
     for (dataset, defense, attack, norm), points in curves.items():
         points.sort()
-        for (eps_a, ok_a, n_a), (eps_b, ok_b, n_b) in zip(points, points[1:]):
+        for (eps_a, ok_a, n_a), (eps_b, ok_b, n_b) in pairwise(points):
             if ok_b - ok_a > max(1.0, 0.01 * n_b):
                 warnings.append(f"{dataset}/{defense}/{attack}: accuracy rises with eps ({norm} {eps_a:g}: "
                                 f"{ok_a}/{n_a} -> {eps_b:g}: {ok_b}/{n_b}); the attack is unreliable "
@@ -126,7 +127,7 @@ def check_undefended_broken(cells: CellRecords, l_attack: dict[str, list[float]]
 def check_unbounded_failures(cells: CellRecords, infos: list[dict | None]) -> list[str]:
     """A minimum-norm attack has no budget, so its failures on correctly classified points suggest masking."""
     warnings = []
-    for (cell, records), info in zip(cells, infos):
+    for (cell, records), info in zip(cells, infos, strict=True):
         if not records or cell.attack == "none" or not _flag(cell, info, "minimum_norm"):
             continue
         correct = [r for r in records if r.clean_pred == r.label]
@@ -141,7 +142,7 @@ def check_unbounded_failures(cells: CellRecords, infos: list[dict | None]) -> li
 def check_zero_gradients(cells: CellRecords, infos: list[dict | None]) -> list[str]:
     """Flag defenses whose input gradients vanish on many examples (stored by the runner per cell)."""
     seen: dict[tuple, dict[str, float]] = {}
-    for (cell, records), info in zip(cells, infos):
+    for (cell, records), info in zip(cells, infos, strict=True):
         stats = (info or {}).get("zero_gradients")
         if records and stats:
             seen.setdefault((cell.dataset, cell.defense_label), stats)
@@ -160,7 +161,7 @@ def check_zero_gradients(cells: CellRecords, infos: list[dict | None]) -> list[s
 def check_randomized_without_eot(cells: CellRecords, infos: list[dict | None]) -> list[str]:
     """A randomized defense attacked without EOT gets single-draw gradients: its accuracy is overestimated."""
     warnings = []
-    for (cell, records), info in zip(cells, infos):
+    for (cell, records), info in zip(cells, infos, strict=True):
         if not records or cell.attack == "none":
             continue
         if _flag(cell, info, "randomized") and not _flag(cell, info, "eot"):
@@ -199,8 +200,9 @@ def check_certified_vs_attack(cells: CellRecords, l_attack: dict[str, list[float
     return warnings
 
 
-def huge_eps(dataset: str, norm: str) -> float:
-    """The smallest budget from which every image of `dataset` can reach the constant 0.5 image."""
+def huge_eps(dataset: str, norm: str | None) -> float:
+    """The smallest budget from which every image of `dataset` can reach the constant 0.5 image (L2 unless
+    `norm` is "linf" or "l1")."""
     if norm == "linf":
         return HUGE_LINF
     from bench.registry import DATASETS
@@ -231,7 +233,7 @@ def check_gradient_free_wins(cells: CellRecords, l_attack: dict[str, list[float]
     """A gradient-free attack (e.g. Square) that breaks examples every white-box attack missed signals masking."""
     white: dict[tuple, tuple[list[str], dict[int, bool]]] = {}
     free: list[tuple[tuple, str, dict[int, bool]]] = []
-    for (cell, records), info in zip(cells, infos):
+    for (cell, records), info in zip(cells, infos, strict=True):
         if not records or cell.attack == "none":
             continue
         gradient_free = _flag(cell, info, "gradient_free")
@@ -239,7 +241,7 @@ def check_gradient_free_wins(cells: CellRecords, l_attack: dict[str, list[float]
         for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
             slot = (cell.dataset, cell.defense_label, norm, float(eps))
             label = attack if cell.eps is None else f"{attack}@{eps:g}"
-            flags = dict(zip(indices, (bool(ok) for ok in correct)))
+            flags = dict(zip(indices, (bool(ok) for ok in correct), strict=True))
             if gradient_free:
                 free.append((slot, label, flags))
                 continue

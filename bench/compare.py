@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ BASELINE_NAME = "baseline.json"
 class Outcomes:
     """Per-example binary outcomes of every table cell of one run, plus its cell configurations."""
 
-    flags: "OrderedDict[tuple[str, str, str, str], dict[int, bool]]"  # (table, dataset, defense, column) -> {index: ok}
+    flags: OrderedDict[tuple[str, str, str, str], dict[int, bool]]  # (table, dataset, defense, column) -> {index: ok}
     cells: dict[tuple, Cell]  # (dataset, defense label, attack label, eps) -> cell
 
 
@@ -61,7 +62,7 @@ def run_outcomes(store: Store, run_id: str, robust_thresholds=DEFAULT_ROBUST_THR
     """Every per-example binary outcome behind the registered tables that have them (bench.table_registry):
     accuracy (and worst case), certified accuracy at each T, robust recall at each (L_attack, T), ..."""
     run = run_data(store, run_id, robust_thresholds, infos=False)
-    flags: "OrderedDict[tuple[str, str, str, str], dict[int, bool]]" = OrderedDict()
+    flags: OrderedDict[tuple[str, str, str, str], dict[int, bool]] = OrderedDict()
     for name, table in tables():
         if table.outcomes is not None:
             for (dataset, defense, column), per_example in table.outcomes(run):
@@ -118,7 +119,7 @@ def compare_outcomes(base: Outcomes, new: Outcomes, *, tolerance: float = 0.02, 
     """
     rows = []
     for key in list(base.flags) + [k for k in new.flags if k not in base.flags]:
-        row = dict(zip(("table", "dataset", "defense", "column"), key))
+        row: dict[str, Any] = dict(zip(("table", "dataset", "defense", "column"), key, strict=True))
         a, b = base.flags.get(key), new.flags.get(key)
         row |= {"n_base": len(a) if a else 0, "n_new": len(b) if b else 0,
                 "base": np.mean(list(a.values())) if a else np.nan, "new": np.mean(list(b.values())) if b else np.nan}

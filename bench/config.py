@@ -267,7 +267,8 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
                 certify = None
             cells.append(Cell(attack="none", certify_examples=certify, **common))
             for a_label, a_entry in attack_entries.items():
-                if d_label not in a_entry["targets"] or dataset not in _selected(a_entry, f"attacks.{a_label}", datasets):
+                if (d_label not in a_entry["targets"]
+                        or dataset not in _selected(a_entry, f"attacks.{a_label}", datasets)):
                     continue
                 given = a_entry["params"] | a_entry["dataset_params"].get(dataset, {})
                 a_params = cap_counts(resolve_attack_params(a_entry["attack"], given), max_steps, max_draws)
@@ -324,8 +325,8 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     for norm, grid in _check_keys(run.get("l_attack", {}), set(DEFAULT_L_ATTACK), "run.l_attack").items():
         l_attack[norm] = _numbers(_as_list(grid, f"run.l_attack.{norm}"), f"run.l_attack.{norm}")
     thresholds = _numbers(_as_list(run.get("thresholds", DEFAULT_THRESHOLDS), "run.thresholds"), "run.thresholds")
-    overhead_draws = [_positive_int(d, "run.overhead_draws") for d in _as_list(run.get("overhead_draws", [1, 10, 100, 1000]),
-                                                                               "run.overhead_draws")]
+    overhead_draws = [_positive_int(d, "run.overhead_draws")
+                      for d in _as_list(run.get("overhead_draws", [1, 10, 100, 1000]), "run.overhead_draws")]
     defense_entries = _defense_entries(raw)
     attack_entries = _attack_entries(raw, defense_entries)
     cells = expand_cells(datasets, defense_entries, attack_entries, examples=n_examples, seed=run_seed,

@@ -110,7 +110,8 @@ class Defense(ABC):
         return model
 
     def starting_model(self) -> nn.Module:
-        """`build_model()` with the user's `weights` loaded: what training starts from, or, with steps = 0, the model."""
+        """`build_model()` with the user's `weights` loaded: what training starts from, or, with steps = 0,
+        the model."""
         model = self.build_model()
         if self.weights is not None:
             path = self.weights.resolve()
@@ -162,10 +163,16 @@ class Defense(ABC):
         self.model = model.eval()
         self.generator = generator
 
+    def attached_model(self) -> nn.Module:
+        """The model `attach` adopted; RuntimeError before `attach` (there is nothing to evaluate yet)."""
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__} has no model: call attach(model) first")
+        return self.model
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted labels (N,) for images x (N, C, H, W) in [0,1]."""
-        return self.model(x).argmax(dim=1)
+        return self.attached_model()(x).argmax(dim=1)
 
     def judge(self, x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(labels (N,), certified radii (N,) or None) for adversarial inputs, with fresh noise.

@@ -7,6 +7,7 @@ overhead table times the code that certifies and the attacks differentiate throu
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ def noise_split(model: nn.Module) -> tuple[Stage, Stage, Stage]:
     input and calling it draws its own randomness once per row.
     """
     if all(hasattr(model, name) for name in ("pre_noise", "noise", "post_noise")):
-        return model.pre_noise, model.noise, model.post_noise
+        return cast("tuple[Stage, Stage, Stage]", (model.pre_noise, model.noise, model.post_noise))
     return _identity, _identity, model
 
 

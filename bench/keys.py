@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bench import __version__
 from bench.fingerprint import code_fingerprint
 from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from bench.types import Cell, canonical_json
 
-__all__ = ["resolve_attack_params", "resolve_defense_params", "defense_defaults", "check_types", "cell_code", "cell_key", "keyed",
-           "model_code", "slot", "params_digest"]
+__all__ = ["resolve_attack_params", "resolve_defense_params", "defense_defaults", "check_types", "cell_code",
+           "cell_key", "keyed", "model_code", "slot", "params_digest"]
 
 # Arguments the runner passes itself; they are not hyperparameters.
 RUNNER_ARGUMENTS = {"threat", "generator"}

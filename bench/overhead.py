@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from bench.defense import Defense
 
 DRAWS = (1, 10, 100, 1000)
 ROW_BUDGET = 2000  # rows pushed through the post-noise network per timing; bounds time and memory
@@ -48,7 +51,7 @@ def seconds_per_image(model: nn.Module, x: torch.Tensor, draws: int, repeats: in
     return best / x.shape[0]
 
 
-def measure_prediction(defense: Any, x: torch.Tensor, device: torch.device, draws=DRAWS,
+def measure_prediction(defense: Defense, x: torch.Tensor, device: torch.device, draws=DRAWS,
                        row_budget: int = ROW_BUDGET) -> dict[str, Any]:
     """Prediction seconds per image at each draw count (1 only for deterministic defenses).
 
@@ -56,9 +59,9 @@ def measure_prediction(defense: Any, x: torch.Tensor, device: torch.device, draw
     state (global and the defense's generator) is restored afterwards, so measuring never changes
     the noise that later cells see.
     """
-    model = defense.model
-    grid = tuple(draws) if getattr(defense, "randomized", False) else (1,)
-    generator = getattr(defense, "generator", None)
+    model = defense.attached_model()
+    grid = tuple(draws) if defense.info.randomized else (1,)
+    generator = defense.generator
     saved = generator.get_state() if generator is not None else None
     devices = [device] if device.type == "cuda" else []
     timings: dict[str, float] = {}
@@ -70,6 +73,6 @@ def measure_prediction(defense: Any, x: torch.Tensor, device: torch.device, draw
             n = max(1, min(len(x), row_budget // k))
             timings[str(k)] = seconds_per_image(model, x[:n], k)
             images[str(k)] = n
-    if generator is not None:
+    if generator is not None and saved is not None:  # saved exactly when there is a generator
         generator.set_state(saved)
     return {"predict_seconds_per_image": timings, "images": images}

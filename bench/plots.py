@@ -5,7 +5,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -78,10 +79,10 @@ def plot_certified(certified: pd.DataFrame, band_max_n: int = BAND_MAX_N) -> Fig
     """Fig. 2: certified accuracy vs threshold T, one line per certified defense (e.g. several L)."""
     if certified.empty:
         return None
-    panels = list(dict.fromkeys(zip(certified["dataset"], certified["norm"])))
+    panels = list(dict.fromkeys(zip(certified["dataset"], certified["norm"], strict=True)))
     with publication_style():
         figure, axes = new_figure(1, len(panels))
-        for ax, (dataset, norm) in zip(axes[0], panels):
+        for ax, (dataset, norm) in zip(axes[0], panels, strict=True):
             part = certified[(certified["dataset"] == dataset) & (certified["norm"] == norm)]
             for i, ((defense, certifier), line) in enumerate(part.groupby(["defense", "certifier"], sort=False)):
                 line = line.sort_values("threshold")
@@ -108,7 +109,7 @@ def worst_curve(accuracy: pd.DataFrame, dataset: str, defense: str, norm: str) -
     """Per L_attack, the worst case over attacks (per example) where attacks meet, else the single attack."""
     rows = accuracy[(accuracy["dataset"] == dataset) & (accuracy["defense"] == defense) & (accuracy["norm"] == norm)]
     best = []
-    for eps, group in rows.groupby("eps"):
+    for _eps, group in rows.groupby("eps"):
         pick = group[group["attack"] == WORST]
         best.append(pick if len(pick) else group.nsmallest(1, "accuracy"))
     if not best:
@@ -122,7 +123,7 @@ def plot_accuracy_vs_attack(accuracy: pd.DataFrame, band_max_n: int = BAND_MAX_N
     attacked = accuracy[accuracy["norm"] != ""]
     if attacked.empty:
         return None
-    panels = list(dict.fromkeys(zip(attacked["dataset"], attacked["defense"])))
+    panels = list(dict.fromkeys(zip(attacked["dataset"], attacked["defense"], strict=True)))
     norms = [n for n in NORM_TEXT if n in set(attacked["norm"])]
     with publication_style():
         figure, axes = new_figure(len(panels), len(norms))
@@ -133,7 +134,8 @@ def plot_accuracy_vs_attack(accuracy: pd.DataFrame, band_max_n: int = BAND_MAX_N
                                 & (attacked["norm"] == norm)]
                 for i, attack in enumerate(dict.fromkeys(part["attack"])):
                     line = _curve(accuracy, dataset, defense, attack, norm)
-                    style = {"linestyle": "--", "color": "black"} if attack == WORST else {"color": PALETTE[i % len(PALETTE)]}
+                    style = ({"linestyle": "--", "color": "black"} if attack == WORST
+                             else {"color": PALETTE[i % len(PALETTE)]})
                     color = style.pop("color")
                     _line(ax, line["eps"], line["accuracy"], line["ci_low"], line["ci_high"], line["n"], attack,
                           color, band_max_n, **style)
@@ -151,7 +153,7 @@ def plot_defense_comparison(accuracy: pd.DataFrame, registry_names: dict[tuple[s
         registry_names: (dataset, defense label) -> registry name, to recognise each defense's family.
     """
     attacked = accuracy[accuracy["norm"] != ""]
-    chosen = list(dict.fromkeys(zip(attacked["dataset"], attacked["defense"])))
+    chosen = list(dict.fromkeys(zip(attacked["dataset"], attacked["defense"], strict=True)))
     if not {family(registry_names.get(k, k[1])) for k in chosen} - {BASELINE_FAMILY}:
         return None  # only undefended models: nothing to compare
     datasets = list(dict.fromkeys(d for d, _ in chosen))
@@ -179,7 +181,7 @@ def plot_robust(robust: pd.DataFrame, accuracy: pd.DataFrame, certified_defenses
     """Fig. 5: robust precision and recall at each T vs L_attack, with non-certified defenses' accuracy."""
     if robust.empty:
         return None
-    rows = list(dict.fromkeys(zip(robust["dataset"], robust["defense"])))
+    rows = list(dict.fromkeys(zip(robust["dataset"], robust["defense"], strict=True)))
     attacks = list(dict.fromkeys(robust["attack"]))
     with publication_style():
         figure, axes = new_figure(len(rows), len(attacks))
@@ -202,8 +204,8 @@ def plot_robust(robust: pd.DataFrame, accuracy: pd.DataFrame, certified_defenses
             others = [o for o in dict.fromkeys(accuracy.loc[accuracy["dataset"] == dataset, "defense"])
                       if (dataset, o) not in certified_defenses]
             for j, other in enumerate(others):
-                refs = [(e, reference_accuracy(accuracy, dataset, other, attack, norm, e)) for e in eps_grid]
-                refs = [(e, ref) for e, ref in refs if ref is not None]
+                refs = [(e, ref) for e in eps_grid
+                        if (ref := reference_accuracy(accuracy, dataset, other, attack, norm, e)) is not None]
                 if refs:
                     ax.plot([e for e, _ in refs], [100 * ref["accuracy"] for _, ref in refs], linestyle=":",
                             marker="s", markersize=3, color=("black", "grey", "dimgrey")[j % 3],
@@ -243,7 +245,8 @@ def figures() -> list[tuple[str, Plot]]:
     return [(stem, PLOTS.get(stem)) for stem in PLOTS.names()]
 
 
-PLOTS.register("fig2_certified_accuracy", Plot(("certified",), lambda frames, names: plot_certified(frames["certified"])))
+PLOTS.register("fig2_certified_accuracy", Plot(("certified",),
+                                               lambda frames, names: plot_certified(frames["certified"])))
 PLOTS.register("fig3_accuracy_vs_attack", Plot(("accuracy",),
                                                lambda frames, names: plot_accuracy_vs_attack(frames["accuracy"])))
 PLOTS.register("fig4_defense_comparison", Plot(("accuracy",), lambda frames, names: plot_defense_comparison(

@@ -7,7 +7,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -193,7 +194,7 @@ class Runner:
             yb = y_all[start:start + batch].to(device)
             began = time.perf_counter()
             row_seconds = None
-            with count_forward_passes(defense.model) as passes:
+            with count_forward_passes(defense.attached_model()) as passes:
                 if attack_info is None:
                     rows = None if certify_rows is None else certify_rows[start:start + len(yb)]
                     pred, radius, row_seconds = self._clean(defense, xb, certified, rows)

@@ -32,20 +32,21 @@ def correctness_columns(cell: Cell, records: list[Record], l_attack: dict[str, l
         yield cell.attack_label, cell.norm, cell.eps, clean_ok & (np.array([r.adv_pred for r in records]) == label)
         return
     norms = np.array([r.norm for r in records])
-    for eps in l_attack.get(cell.norm, []):
+    grid = l_attack.get(cell.norm, []) if cell.norm is not None else []  # no norm: no L_attack grid
+    for eps in grid:
         yield cell.attack_label, cell.norm, eps, clean_ok & (norms > eps)
 
 
 def accuracy_flags(cells: list[tuple[Cell, list[Record]]],
-                   l_attack: dict[str, list[float]]) -> "OrderedDict[tuple, dict[int, bool]]":
+                   l_attack: dict[str, list[float]]) -> OrderedDict[tuple, dict[int, bool]]:
     """Per-example correctness of every accuracy-table row: (dataset, defense, attack, norm, eps) -> {index: ok}.
 
     `norm` is "" and `eps` NaN for the clean row. The worst case per (dataset, defense, norm,
     eps) is the per-example AND over every attack, i.e. the minimum over attacks example by
     example, never an average of accuracies; it is added only where two or more attacks meet.
     """
-    rows: "OrderedDict[tuple, dict[int, bool]]" = OrderedDict()
-    worst: "OrderedDict[tuple, dict[int, bool]]" = OrderedDict()
+    rows: OrderedDict[tuple, dict[int, bool]] = OrderedDict()
+    worst: OrderedDict[tuple, dict[int, bool]] = OrderedDict()
     attacks_per_slot: dict[tuple, set] = {}
     for cell, records in cells:
         if not records:
@@ -53,12 +54,12 @@ def accuracy_flags(cells: list[tuple[Cell, list[Record]]],
         indices = [r.index for r in records]
         for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
             key = (cell.dataset, cell.defense_label, attack, norm or "", np.nan if eps is None else float(eps))
-            rows[key] = dict(zip(indices, (bool(ok) for ok in correct)))
+            rows[key] = dict(zip(indices, (bool(ok) for ok in correct), strict=True))
             if norm is not None:
                 slot = (cell.dataset, cell.defense_label, norm, float(eps))
                 attacks_per_slot.setdefault(slot, set()).add(attack)
                 flags = worst.setdefault(slot, {})
-                for index, ok in zip(indices, correct):
+                for index, ok in zip(indices, correct, strict=True):
                     flags[index] = flags.get(index, True) and bool(ok)
     for (dataset, defense, norm, eps), flags in worst.items():
         if len(attacks_per_slot[(dataset, defense, norm, eps)]) >= 2:  # else it is that attack's row
@@ -107,18 +108,19 @@ def _column_name(attack: str, norm: str, eps: float) -> str:
 def accuracy_pivot(frame: pd.DataFrame) -> pd.DataFrame:
     """Wide table: rows dataset/defense, columns attack x eps; cells 'acc% [lo, hi]'; plus n."""
     text = frame.assign(
-        column=[_column_name(a, n, e) for a, n, e in zip(frame["attack"], frame["norm"], frame["eps"])],
-        cell=[percent_with_ci(a, lo, hi) for a, lo, hi in zip(frame["accuracy"], frame["ci_low"], frame["ci_high"])],
+        column=[_column_name(a, n, e) for a, n, e in zip(frame["attack"], frame["norm"], frame["eps"], strict=True)],
+        cell=[percent_with_ci(a, lo, hi)
+              for a, lo, hi in zip(frame["accuracy"], frame["ci_low"], frame["ci_high"], strict=True)],
     )
     # Column order: clean, then each norm's attacks by eps, then that norm's worst case.
     order = [CLEAN] + [c for _, c in sorted(
-        {((n, a == WORST, a, e), _column_name(a, n, e)) for a, n, e in zip(frame["attack"], frame["norm"], frame["eps"])
-         if a != CLEAN})]
+        {((n, a == WORST, a, e), _column_name(a, n, e))
+         for a, n, e in zip(frame["attack"], frame["norm"], frame["eps"], strict=True) if a != CLEAN})]
     pivot = text.pivot_table(index=["dataset", "defense"], columns="column", values="cell", aggfunc="first", sort=False)
     pivot = pivot.reindex(columns=[c for c in dict.fromkeys(order) if c in pivot.columns])
     grouped = text.groupby(["dataset", "defense"], sort=False)["n"]
     # Columns on nested subsets of different sizes (clean on all, attacks on fewer) show the range.
-    n = pd.Series([hi if lo == hi else f"{lo}-{hi}" for lo, hi in zip(grouped.min(), grouped.max())],
+    n = pd.Series([hi if lo == hi else f"{lo}-{hi}" for lo, hi in zip(grouped.min(), grouped.max(), strict=True)],
                   index=grouped.max().index, dtype=object)
     pivot.insert(0, "n", n.reindex(pivot.index))
     return pivot.fillna("-").reset_index()

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -41,15 +41,15 @@ def radii(records: list[Record]) -> np.ndarray:
     return np.array([np.nan if r.radius is None else r.radius for r in records], dtype=float)
 
 
-def clean_cells(cells: list[tuple[Cell, list[Record]]]) -> "OrderedDict[tuple[str, str], tuple[Cell, list[Record]]]":
+def clean_cells(cells: list[tuple[Cell, list[Record]]]) -> OrderedDict[tuple[str, str], tuple[Cell, list[Record]]]:
     """(dataset, defense label) -> its clean cell and records (finished cells only)."""
     return OrderedDict(((c.dataset, c.defense_label), (c, r)) for c, r in cells if c.attack == "none" and r)
 
 
 def certified_flags(cells: list[tuple[Cell, list[Record]]],
-                    thresholds: list[float]) -> "OrderedDict[tuple, dict[int, bool]]":
+                    thresholds: list[float]) -> OrderedDict[tuple, dict[int, bool]]:
     """(dataset, defense, certifier, radius norm, T) -> {index: correct AND radius >= T} per certified clean cell."""
-    out: "OrderedDict[tuple, dict[int, bool]]" = OrderedDict()
+    out: OrderedDict[tuple, dict[int, bool]] = OrderedDict()
     for (dataset, defense), (cell, records) in clean_cells(cells).items():
         if not is_certified(records):
             continue
@@ -60,7 +60,7 @@ def certified_flags(cells: list[tuple[Cell, list[Record]]],
         for t in thresholds:
             ok = correct & (radius >= t)
             out[(dataset, defense, certifier_name(cell), certificate_norm(cell), float(t))] = {
-                r.index: bool(v) for r, v in zip(records, ok)}
+                r.index: bool(v) for r, v in zip(records, ok, strict=True)}
     return out
 
 
@@ -85,7 +85,7 @@ def certified_pivot(frame: pd.DataFrame) -> pd.DataFrame:
     text = frame.assign(column=[f"T={t:g}" for t in frame["threshold"]],
                         cell=[percent_with_ci(a, lo, hi) for a, lo, hi in zip(
                             frame["certified_accuracy"], frame["certified_accuracy_ci_low"],
-                            frame["certified_accuracy_ci_high"])])
+                            frame["certified_accuracy_ci_high"], strict=True)])
     pivot = text.pivot_table(index=index, columns="column", values="cell", aggfunc="first", sort=False)
     pivot = pivot.reindex(columns=list(dict.fromkeys(text["column"])))
     pivot.insert(0, "n", text.groupby(index, sort=False)["n"].max().reindex(pivot.index))
@@ -113,16 +113,18 @@ def judged_under_attack(cell: Cell, records: list[Record], clean: list[Record] |
     by_index = {} if clean is None else {r.index: r.radius for r in clean}
     clean_radius = np.array([np.nan if by_index.get(i) is None else by_index[i] for i in indices], dtype=float)
     norms = np.array([r.norm for r in records])
-    for eps in l_attack.get(cell.norm, []):
+    grid = l_attack.get(cell.norm, []) if cell.norm is not None else []  # no norm: no L_attack grid
+    for eps in grid:
         found = norms <= eps
         yield float(eps), indices, clean_ok & ~found, np.where(found, radius, clean_radius)
 
 
 def robust_flags(cells: list[tuple[Cell, list[Record]]], l_attack: dict[str, list[float]],
-                 thresholds=DEFAULT_ROBUST_THRESHOLDS) -> "OrderedDict[tuple, tuple[dict[int, bool], dict[int, bool]]]":
-    """(dataset, defense, certifier, attack, norm, L_attack, T) -> ({index: radius >= T}, {index: correct and radius >= T})."""
+                 thresholds=DEFAULT_ROBUST_THRESHOLDS) -> OrderedDict[tuple, tuple[dict[int, bool], dict[int, bool]]]:
+    """(dataset, defense, certifier, attack, norm, L_attack, T) ->
+    ({index: radius >= T}, {index: correct and radius >= T})."""
     cleans = clean_cells(cells)
-    out: "OrderedDict[tuple, tuple[dict[int, bool], dict[int, bool]]]" = OrderedDict()
+    out: OrderedDict[tuple, tuple[dict[int, bool], dict[int, bool]]] = OrderedDict()
     for cell, records in cells:
         if cell.attack == "none" or not records or not is_certified(records):
             continue
@@ -134,8 +136,8 @@ def robust_flags(cells: list[tuple[Cell, list[Record]]], l_attack: dict[str, lis
                 confident = radius >= t
                 key = (cell.dataset, cell.defense_label, certifier_name(cell), cell.attack_label, cell.norm, eps,
                        float(t))
-                out[key] = (dict(zip(indices.tolist(), confident.tolist())),
-                            dict(zip(indices.tolist(), (correct & confident).tolist())))
+                out[key] = (dict(zip(indices.tolist(), confident.tolist(), strict=True)),
+                            dict(zip(indices.tolist(), (correct & confident).tolist(), strict=True)))
     return out
 
 
@@ -177,7 +179,7 @@ def robust_pivot(frame: pd.DataFrame, accuracy: pd.DataFrame, certified_defenses
         return pd.DataFrame(columns=index + ["n"])
     out = []
     for keys, group in frame.groupby(index, sort=False):
-        row = dict(zip(index, keys))
+        row = dict(zip(index, keys, strict=True))
         row["eps"] = f"{row['eps']:g}"
         row["n"] = int(group["n"].max())
         for t in group.itertuples(index=False):
@@ -188,7 +190,8 @@ def robust_pivot(frame: pd.DataFrame, accuracy: pd.DataFrame, certified_defenses
             if (keys[0], other) in certified_defenses:
                 continue
             ref = reference_accuracy(accuracy, keys[0], other, keys[3], keys[4], keys[5])
-            row[f"acc {other}"] = "-" if ref is None else percent_with_ci(ref["accuracy"], ref["ci_low"], ref["ci_high"])
+            row[f"acc {other}"] = ("-" if ref is None
+                                   else percent_with_ci(ref["accuracy"], ref["ci_low"], ref["ci_high"]))
         out.append(row)
     return pd.DataFrame(out).fillna("-")
 

@@ -30,8 +30,8 @@ def overhead_frame(cells: list[tuple[Cell, list[Record], dict[str, Any] | None]]
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     passes: dict[tuple[str, str], dict[str, list[int]]] = {}
     for cell, records, info in cells:
-        row = rows.setdefault((cell.dataset, cell.defense_label), {"dataset": cell.dataset, "defense": cell.defense_label,
-                                                                  "registry_name": cell.defense})
+        row = rows.setdefault((cell.dataset, cell.defense_label),
+                              {"dataset": cell.dataset, "defense": cell.defense_label, "registry_name": cell.defense})
         info = info or {}
         training = info.get("defense") or {}
         if training.get("train_seconds_per_step") is not None:

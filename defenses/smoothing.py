@@ -1,7 +1,7 @@
 """Randomized smoothing (Cohen, Rosenfeld & Kolter, ICML 2019): Gaussian noise on the input, CERTIFY with abstention."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -89,18 +89,20 @@ def certify_from_counts(select: np.ndarray, estimate: np.ndarray, draws: int, si
 
 
 def predict_from_counts(counts: np.ndarray, alpha: float) -> np.ndarray:
-    """Cohen et al.'s PREDICT: the top class when a two-sided binomial test of top vs runner-up rejects at alpha, else -1."""
+    """Cohen et al.'s PREDICT: the top class when a two-sided binomial test of top vs runner-up rejects at alpha,
+    else -1."""
     order = np.argsort(-counts, axis=1, kind="stable")
     rows = np.arange(len(counts))
     top, second = counts[rows, order[:, 0]], counts[rows, order[:, 1]]
     keep = np.array([binomtest(int(a), int(a + b), 0.5).pvalue <= alpha if a + b > 0 else False
-                     for a, b in zip(top, second)], dtype=bool)
+                     for a, b in zip(top, second, strict=True)], dtype=bool)
     return np.where(keep, order[:, 0], ABSTAIN)
 
 
 @DEFENSES.register("randomized_smoothing", family="randomized smoothing", randomized=True, certified=True,
                    certified_norm="l2", certifier="cohen",
-                   eval_params=("draws_select", "draws_certify", "draws_attack", "draws_predict", "alpha", "chunk_rows"))
+                   eval_params=("draws_select", "draws_certify", "draws_attack", "draws_predict", "alpha",
+                                "chunk_rows"))
 class RandomizedSmoothing(Defense):
     """Randomized smoothing (Cohen et al., ICML 2019): the most likely class of f(x + N(0, sigma^2 I)), certified in L2.
 
@@ -148,7 +150,7 @@ class RandomizedSmoothing(Defense):
 
     def weights_target(self, model: nn.Module) -> nn.Module:
         """A weights file holds the base classifier (as Cohen et al.'s released models do)."""
-        return model.body
+        return cast(SmoothedClassifier, model).body
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         """Cross-entropy of the base classifier on one Gaussian draw per example (Cohen et al., Sec. 4)."""
@@ -159,12 +161,14 @@ class RandomizedSmoothing(Defense):
         device = next(model.parameters()).device
         generator = generator if generator is not None else os_seeded_generator(device)
         super().attach(model, generator)
-        model.noise.generator = generator
-        model.noise.multiplier = 1.0
+        noise = cast(SmoothedClassifier, model).noise
+        noise.generator = generator
+        noise.multiplier = 1.0
 
     def counts(self, x: torch.Tensor, draws: int) -> np.ndarray:
         """(N, K) base-classifier votes over `draws` fresh noise draws per image of x (N, C, H, W)."""
-        return class_counts(self.model, x, draws, self.spec.classes, self.chunk_rows)
+        return class_counts(cast(SmoothedClassifier, self.attached_model()), x, draws, self.spec.classes,
+                            self.chunk_rows)
 
     def _certify(self, x: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
         select = self.counts(x, self.draws_select)

@@ -79,7 +79,8 @@ class CoinFlip(nn.Module):
 
     def forward(self, x):
         noise = torch.randn(x.shape[0], 10, generator=self.generator)
-        return noise + 1.0 * nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 10) + 0 * x.flatten(1)[:, :1]
+        return (noise + 1.0 * nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 10)
+                + 0 * x.flatten(1)[:, :1])
 
 
 @pytest.mark.parametrize("judge_draws,expect_lucky", [(1, True), (400, False)])

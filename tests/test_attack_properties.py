@@ -1,4 +1,5 @@
-"""Properties every registered attack must have, parametrized over the registry (new attacks are tested automatically)."""
+"""Properties every registered attack must have, parametrized over the registry (new attacks are tested
+automatically)."""
 from __future__ import annotations
 
 import importlib.util

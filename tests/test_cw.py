@@ -126,5 +126,5 @@ def test_model_mode_and_parameters_untouched(linear_setup):
     before = [p.detach().clone() for p in model.parameters()]
     cw_l2(model, x, y, threat=INF_L2, steps=10, binary_steps=2)
     assert model.training
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert all(p.grad is None for p in model.parameters())

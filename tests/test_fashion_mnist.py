@@ -1,7 +1,6 @@
 """Fashion-MNIST read from tiny IDX files in torchvision's FashionMNIST/raw/ layout: pixels, labels, errors."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np

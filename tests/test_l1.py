@@ -53,7 +53,8 @@ def test_projection_matches_bisection_reference():
 
 
 def test_projection_is_the_nearest_feasible_point():
-    """Variational inequality of a Euclidean projection p of z onto a convex set: <z - p, c - p> <= 0 for every c in it."""
+    """Variational inequality of a Euclidean projection p of z onto a convex set: <z - p, c - p> <= 0 for every
+    c in it."""
     g = torch.Generator().manual_seed(1)
     x = saturated_images(1, 6, g).expand(2000, 6)
     z = torch.randn(1, 6, generator=g).expand(2000, 6) * 2
@@ -190,7 +191,7 @@ def test_tables_and_plots_show_an_l1_column_and_panel():
 
     def records(adv_preds, norms):
         return [Record(index=i, label=1, clean_pred=1, adv_pred=p, norm=v, radius=None, seconds=0.0, forward_passes=1)
-                for i, (p, v) in enumerate(zip(adv_preds, norms))]
+                for i, (p, v) in enumerate(zip(adv_preds, norms, strict=True))]
 
     cells = [(Cell("mnist5k", "undefended", "none"), records([1] * 4, [0.0] * 4)),
              (Cell("mnist5k", "undefended", "apgd_l1", "l1", 4.0), records([1, 0, 0, 1], [4.0] * 4)),

@@ -71,7 +71,7 @@ def test_our_cw_l2_is_no_larger_than_the_libraries(trained_cnn, mnist_test):
 def test_our_pgd_is_at_least_as_strong_as_the_libraries(trained_cnn, mnist_test):
     x, y = mnist_test
     rows = pgd_table(trained_cnn, x[:50], y[:50], steps=PGD_STEPS)
-    for norm, (_, names) in PGD.items():
+    for _, names in PGD.values():
         ours = rows[names[0]]["accuracy"]
         for name in names[1:]:
             # Two examples of slack: the random starts differ between implementations (on 100

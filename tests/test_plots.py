@@ -33,7 +33,7 @@ def test_fig2_certified_accuracy_vs_threshold(frames):
     assert legend_labels(ax) == ["pixeldp_L0.1 (pixeldp)", "pixeldp_L0.3 (cohen)"]
     assert len(ax.get_lines()) == 2
     cert = frames["certified"]
-    for line, defense in zip(ax.get_lines(), ["pixeldp_L0.1", "pixeldp_L0.3"]):
+    for line, defense in zip(ax.get_lines(), ["pixeldp_L0.1", "pixeldp_L0.3"], strict=True):
         rows = cert[cert["defense"] == defense].sort_values("threshold")
         assert list(line.get_xdata()) == THRESHOLDS
         assert np.allclose(line.get_ydata(), 100 * rows["certified_accuracy"])

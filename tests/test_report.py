@@ -25,7 +25,7 @@ def test_report_regenerates_everything_from_the_store(tmp_path, capsys):
     frames = run_frames(store, run_id)
     store.close()
     expected = {t: frames[f].to_csv(index=False, float_format="%.6g")
-                for t, f in zip(TABLES, ("accuracy", "certified", "robust", "overhead"))}
+                for t, f in zip(TABLES, ("accuracy", "certified", "robust", "overhead"), strict=True)}
     assert not (results / run_id).exists()  # nothing but the store
 
     assert main(["report", run_id, "--results", str(results)]) == 0
@@ -67,7 +67,7 @@ def test_unfinished_cells_are_reported(tmp_path):
     run = synthetic_run()
     keyed = [(cell_key(cell, {}), cell) for cell, _, _ in run]
     store.start_run("partial", "synthetic", SETTINGS, {"device_name": "x"}, keyed)
-    for (key, cell), (_, records, info) in list(zip(keyed, run))[:5]:
+    for (key, cell), (_, records, info) in list(zip(keyed, run, strict=True))[:5]:
         store.write_cell(key, cell, records, info)
     report = write_report(store, "partial", tmp_path / "partial")
     assert report["text"].startswith(f"INCOMPLETE RUN: {len(run) - 5} of {len(run)} cell(s) have no results")

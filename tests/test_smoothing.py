@@ -38,7 +38,7 @@ def reference_certify(base, x, sigma, n0, n, alpha, seed):
             labels = base((noise + x.unsqueeze(1)).flatten(0, 1)).argmax(1).view(x.shape[0], draws)
         counts.append([[int((row == k).sum()) for k in range(10)] for row in labels])
     preds, radii = [], []
-    for select, estimate in zip(*counts):
+    for select, estimate in zip(*counts, strict=True):
         guess = max(range(10), key=lambda k: (select[k], -k))  # most votes, lowest label on ties
         p_lower = binomtest(estimate[guess], n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").low
         if p_lower < 0.5:
@@ -81,7 +81,10 @@ def test_chunking_changes_only_the_noise_not_the_guarantee(trained_cnn, examples
     again = smoothing(trained_cnn, chunk_rows=64).certify(x)
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     reference = smoothing(trained_cnn, chunk_rows=10 ** 6).certify(x)
-    certified = lambda out: int(((out[0] == y) & (out[1] > 0)).sum())
+
+    def certified(out):
+        return int(((out[0] == y) & (out[1] > 0)).sum())
+
     assert abs(certified(first) - certified(reference)) <= 4
 
 
@@ -122,7 +125,7 @@ def test_pixeldp_evaluates_given_weights_with_its_noise_layer(tmp_path, examples
     given.attach(loaded.eval(), torch.Generator().manual_seed(3))
     x = examples[0][:10]
     assert given.sensitivity == pytest.approx(trained.sensitivity, rel=1e-6)
-    for a, b in zip(trained.certify(x), given.certify(x)):
+    for a, b in zip(trained.certify(x), given.certify(x), strict=True):
         assert torch.equal(a, b)
 
 
@@ -153,12 +156,21 @@ examples = 20
 thresholds = [0.0, 0.25, 0.5]
 [defenses.mine_smoothed]
 defense = "randomized_smoothing"
-params = { factory = "nets:mlp", weights = "mlp.pt", steps = 0, sigma = 0.25, draws_select = 10, draws_certify = 100, draws_attack = 50, draws_predict = 20 }
+[defenses.mine_smoothed.params]
+factory = "nets:mlp"
+weights = "mlp.pt"
+steps = 0
+sigma = 0.25
+draws_select = 10
+draws_certify = 100
+draws_attack = 50
+draws_predict = 20
 [attacks.pgd_l2_eot]
 eps = [0.5]
 params = { steps = 3, draws = 4 }
 ''')
-    assert main(["run", str(tmp_path / "user.toml"), "--results", str(tmp_path / "r"), "--quiet", "--threads", "1"]) == 0
+    assert main(["run", str(tmp_path / "user.toml"), "--results", str(tmp_path / "r"), "--quiet",
+                 "--threads", "1"]) == 0
     run_dir = next((tmp_path / "r").glob("user-*"))
     certified = pd.read_csv(run_dir / "certified_accuracy.csv")
     assert certified[["defense", "certifier", "norm"]].drop_duplicates().values.tolist() == [

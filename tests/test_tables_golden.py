@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.tables import WORST, accuracy_frame, accuracy_pivot, latex_escape, to_latex, write_accuracy_tables, write_table
+from bench.tables import (WORST, accuracy_frame, accuracy_pivot, latex_escape, to_latex, write_accuracy_tables,
+                          write_table)
 from bench.tables_certified import (CERTIFIED_CAPTION, ROBUST_CAPTION, certified_frame, certified_pivot,
                                     certifier_name, robust_frame, robust_pivot)
 from bench.tables_overhead import overhead_caption, overhead_frame, overhead_pivot
@@ -87,7 +88,7 @@ def test_certified_accuracy_counts_correct_and_certified(frames):
     for _, group in cert.groupby("defense"):
         assert list(group["certified"]) == sorted(group["certified"], reverse=True)
     assert set(cert["certifier"]) == {"pixeldp", "cohen", "convex"}
-    assert dict(zip(cert["defense"], cert["norm"])) == {"pixeldp_L0.1": "l2", "pixeldp_L0.3": "l2",
+    assert dict(zip(cert["defense"], cert["norm"], strict=True)) == {"pixeldp_L0.1": "l2", "pixeldp_L0.3": "l2",
                                                         "wong_kolter": "linf"}
     # Radii in one norm never judge attacks in another: PixelDP (L2) has no L-inf rows, convex no L2 rows.
     robust = frames["robust"]

@@ -48,7 +48,7 @@ def test_cell_key_is_stable_and_sensitive():
     b = Cell("mnist5k", "undefended", "pgd_l2", "l2", 0.5, attack_params={"steps": 10})
     code = {"attack": "a1", "defense": "d1", "harness": "h1"}
     assert cell_key(a, code) == cell_key(b, code)
-    assert cell_key(a, code) != cell_key(Cell("mnist5k", "undefended", "pgd_l2", "l2", 0.5, attack_params={"steps": 11}),
-                                         code)
+    other = Cell("mnist5k", "undefended", "pgd_l2", "l2", 0.5, attack_params={"steps": 11})
+    assert cell_key(a, code) != cell_key(other, code)
     assert cell_key(a, code) != cell_key(a, code | {"attack": "a2"})
     assert a.defense_label == "undefended" and a.attack_label == "pgd_l2"

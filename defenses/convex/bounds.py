@@ -1,7 +1,8 @@
 """Bound propagation for sequential ReLU networks: IBP, Wong-Kolter (= Fast-Lin), CROWN and CROWN-IBP."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,9 @@ def _fold_batchnorm(layer, bn: nn.modules.batchnorm._BatchNorm):
     """Fold an eval-mode batch norm into the preceding Linear / Conv (or make it a ChannelAffine)."""
     if bn.training:
         raise BoundError("batch norm must be in eval mode (running statistics) to be folded for certification")
+    if bn.running_var is None or bn.running_mean is None:
+        raise BoundError("batch norm without running statistics (track_running_stats=False) cannot be folded "
+                         "for certification")
     scale = bn.running_var.add(bn.eps).rsqrt()
     shift = -bn.running_mean * scale
     if bn.affine:
@@ -310,6 +314,7 @@ def interval_bounds(layers: list, inputs: InputSet) -> tuple[dict[int, tuple[tor
             rad = inputs.eps.view(n, *([1] * (diag.dim() - 1))) * diag.abs()
             diag = None
         if isinstance(layer, ReLU):
+            assert rad is not None  # diag is None here, and rad is set whenever diag is (Linf: from the start)
             low, high = mid - rad, mid + rad
             pre[i] = (low, high)
             low, high = low.clamp_min(0), high.clamp_min(0)
@@ -318,6 +323,7 @@ def interval_bounds(layers: list, inputs: InputSet) -> tuple[dict[int, tuple[tor
             mid, rad = layer.forward(mid), layer.forward_abs(rad)
     if diag is not None:
         rad = inputs.eps.view(n, *([1] * (diag.dim() - 1))) * diag.abs()
+    assert rad is not None  # set above when diag was still carried, else earlier
     return pre, (mid - rad, mid + rad)
 
 
@@ -344,8 +350,8 @@ def _relu_lines(low: torch.Tensor, high: torch.Tensor, method: str):
     return up_slope, up_icpt, lo_slope
 
 
-def _backward(layers: list, shapes: list, a: torch.Tensor, pre: dict, method: str, stop: int,
-              inputs: InputSet, upper: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _backward(layers: list, shapes: list, a: torch.Tensor, pre: dict[int, tuple[torch.Tensor, torch.Tensor]],
+              method: str, stop: int, inputs: InputSet, upper: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Lower (and upper) bounds of a . output(layers[stop:]) for coefficients a (N, S, *out_shape).
 
     The ReLU relaxations come from `pre`; the last layer reached is concretized against the input
@@ -409,6 +415,7 @@ def _identity_bounds(layers: list, shapes: list, k: int, pre: dict, method: str,
         part = eye[start:start + rows]
         a = part.view(1, -1, *shape).expand(n, -1, *shape)
         low, high = _backward(layers[:k], shapes, a, pre, method, 0, inputs, upper=True)
+        assert high is not None  # upper=True
         lows.append(low)
         highs.append(high)
     return torch.cat(lows, 1).view(n, *shape), torch.cat(highs, 1).view(n, *shape)

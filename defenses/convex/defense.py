@@ -97,7 +97,7 @@ class WongKolter(Defense):
         intersected with [0,1], or L2) of that radius is provably classified as pred. It is 0
         when even the center's margin is not positive, and capped at `radius_max`.
         """
-        layers = linearize(self.model)
+        layers = linearize(self.attached_model())
         pred = self.predict(x)
         n = x.shape[0]
         low = torch.zeros(n, dtype=x.dtype, device=x.device)

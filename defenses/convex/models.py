@@ -1,7 +1,7 @@
 """Wong-Kolter small and large conv nets (strided convs, no pooling) as bench ImageClassifiers."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch import nn
 

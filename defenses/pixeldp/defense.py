@@ -1,7 +1,7 @@
 """The `pixeldp` defense: noise layer + sensitivity control in training, DP certificates at test time."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 
 from bench.data import DatasetSpec
 from bench.defense import Defense
+from bench.models import ImageClassifier
 from bench.registry import DEFENSES
 from defenses.pixeldp.bounds import BOUNDS, mean_bounds, vote_bounds
 from defenses.pixeldp.certify import (CERTIFIERS, cohen_radius, pixeldp_gaussian_radius, pixeldp_laplace_radius,
@@ -21,6 +22,11 @@ from defenses.pixeldp.sensitivity import DividedConv2d, kernel_divisor, normaliz
 
 PLACEMENTS = ("input", "stem")
 STATISTICS = ("softmax", "votes")
+
+
+def _noise_layer(model: nn.Module) -> NoiseLayer:
+    """The NoiseLayer that `PixelDP.build_model` put in `model` (nn.Module attributes type as Tensor | Module)."""
+    return cast(NoiseLayer, model.noise)
 
 
 # Parameters that only change evaluation: models trained under other values are reused.
@@ -71,9 +77,9 @@ class PixelDP(Defense):
         return params.get("attack_norm") or ("l1" if params.get("mechanism") == "laplace" else "l2")
 
     def __init__(self, spec: DatasetSpec, *, L: float = 0.1, eps: float = 1.0, delta: float = 0.05,
-                 mechanism: str = "gaussian", attack_norm: str | None = None, placement: str = "stem", draws_certify: int = 2000,
-                 draws_attack: int = 300, draws_predict: int = 25, eta: float = 0.05, certifier: str = "pixeldp",
-                 statistic: str = "softmax", bound: str = "auto", noise_ramp_steps: int = 0,
+                 mechanism: str = "gaussian", attack_norm: str | None = None, placement: str = "stem",
+                 draws_certify: int = 2000, draws_attack: int = 300, draws_predict: int = 25, eta: float = 0.05,
+                 certifier: str = "pixeldp", statistic: str = "softmax", bound: str = "auto", noise_ramp_steps: int = 0,
                  noise_ramp_start: float = 0.1, parseval_beta: float = 3e-4, parseval_iters: int = 20,
                  orthogonal_init: bool = True, chunk_rows: int = 2048, **train: Any):
         super().__init__(spec, **train)
@@ -113,7 +119,7 @@ class PixelDP(Defense):
     # ----------------------------------------------------------------- model and training
     def build_model(self) -> nn.Module:
         """The architecture with the noise layer in place (and the stem rescaled for "stem")."""
-        model = super().build_model()
+        model = cast(ImageClassifier, super().build_model())  # normalize -> stem -> noise -> body
         if self.placement == "stem":
             stem = model.stem
             if not isinstance(stem, nn.Conv2d):
@@ -132,10 +138,11 @@ class PixelDP(Defense):
 
     def _control(self, model: nn.Module) -> None:
         """Sensitivity control of the stem: Parseval step (L2->L2) or unit-L1 / unit-L2 columns (L1->L1 / L1->L2)."""
+        weight = cast(DividedConv2d, model.stem).weight
         if self.kind == "l2":
-            parseval_step(model.stem.weight, self.parseval_beta, self.parseval_iters)
+            parseval_step(weight, self.parseval_beta, self.parseval_iters)
         else:
-            normalize_columns(model.stem.weight, p=1 if self.kind == "l1" else 2)
+            normalize_columns(weight, p=1 if self.kind == "l1" else 2)
 
     def noise_multiplier(self, step: int) -> float:
         """Training noise multiplier: ramps linearly from noise_ramp_start to 1 over noise_ramp_steps."""
@@ -145,7 +152,7 @@ class PixelDP(Defense):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         """Cross-entropy with one noise draw per example (the noise layer is part of the forward)."""
-        model.noise.multiplier = self.noise_multiplier(step)
+        _noise_layer(model).multiplier = self.noise_multiplier(step)
         return F.cross_entropy(model(x), y)
 
     def after_step(self, model: nn.Module) -> None:
@@ -158,8 +165,9 @@ class PixelDP(Defense):
         device = next(model.parameters()).device
         generator = generator if generator is not None else os_seeded_generator(device)
         super().attach(model, generator)
-        model.noise.generator = generator
-        model.noise.multiplier = 1.0
+        noise = _noise_layer(model)
+        noise.generator = generator
+        noise.multiplier = 1.0
         self.sensitivity = self.measure_sensitivity(model)
 
     def measure_sensitivity(self, model: nn.Module) -> float:
@@ -170,7 +178,7 @@ class PixelDP(Defense):
 
     def samples(self, x: torch.Tensor, draws: int) -> Samples:
         """Monte Carlo statistics of `draws` fresh noise draws per image of x (N, C, H, W)."""
-        return sample(self.model, x, draws, chunk_rows=self.chunk_rows)
+        return sample(self.attached_model(), x, draws, chunk_rows=self.chunk_rows)
 
     def _scores(self, samples: Samples) -> np.ndarray:
         return samples.mean if self.statistic == "softmax" else samples.counts / samples.draws

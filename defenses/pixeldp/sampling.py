@@ -69,7 +69,7 @@ def _sample_images(model: nn.Module, h: torch.Tensor, draws: int, rows: int):
     """Statistics of `draws` noisy copies of pre-noise activations h (n, ...), n <= rows, in blocks of <= rows rows."""
     n = h.shape[0]
     block = max(1, min(draws, rows // n))
-    total = sumsq = counts = None
+    sums: list[torch.Tensor] = []  # softmax sum, sum of squares and votes (n, K), float64
     for done in range(0, draws, block):
         d = min(block, draws - done)
         probs = noisy_logits(model, h, d).float().softmax(dim=2)  # (d, n, K)
@@ -77,13 +77,13 @@ def _sample_images(model: nn.Module, h: torch.Tensor, draws: int, rows: int):
             1, probs.argmax(dim=2).T, torch.ones(n, d, device=probs.device, dtype=probs.dtype))
         # Accumulate in float64: the variance is a difference of two large sums.
         probs64 = probs.double()
-        block_sum, block_sq = probs64.sum(dim=0), probs64.square().sum(dim=0)
-        if total is None:
-            total, sumsq, counts = block_sum, block_sq, votes.double()
+        block_sums = (probs64.sum(dim=0), probs64.square().sum(dim=0), votes.double())
+        if not sums:
+            sums = list(block_sums)
         else:
-            total += block_sum
-            sumsq += block_sq
-            counts += votes.double()
+            for running, part in zip(sums, block_sums, strict=True):
+                running += part  # in place: the tensors in `sums`
+    total, sumsq, counts = sums  # draws >= 1 (checked by `sample`): the loop ran
     mean = total / draws
     variance = (sumsq - total * mean) / max(draws - 1, 1)
     return mean.cpu().numpy(), variance.clamp_min(0).cpu().numpy(), counts.cpu().numpy()

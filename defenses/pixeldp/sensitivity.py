@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -40,14 +40,14 @@ class DividedConv2d(nn.Conv2d):
         self.divisor = float(divisor)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, divisor: float) -> "DividedConv2d":
+    def from_conv(cls, conv: nn.Conv2d, divisor: float) -> DividedConv2d:
         """A DividedConv2d with the configuration and (copied) parameters of `conv`."""
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                   bias=conv.bias is not None, padding_mode=conv.padding_mode, divisor=divisor)
         new.to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(conv.weight)
-            if conv.bias is not None:
+            if conv.bias is not None and new.bias is not None:  # new has a bias exactly when conv has one
                 new.bias.copy_(conv.bias)
         return new
 
