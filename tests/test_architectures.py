@@ -24,8 +24,9 @@ CHEAP = {
 
 
 def _meta_size(name: str) -> tuple[tuple[int, ...], int]:
-    meta = MODELS.meta(name)
-    return tuple(meta.get("shape", (1, 28, 28))), int(meta.get("classes", 10))
+    """The input shape and classes an architecture is registered for (MNIST-sized when it names none)."""
+    info = MODELS.info(name)
+    return tuple(info.shape or (1, 28, 28)), int(info.classes or 10)
 
 
 def _cheap(name: str) -> tuple[ImageClassifier, tuple[int, ...]]:
