@@ -9,12 +9,13 @@ Method (every number is an estimate):
   examples, scaled linearly to the cell's examples; every iteration count (steps, binary_steps,
   restarts, queries, target_classes) and draw count is run at 1 and 2 and extrapolated: an attack's
   cost is a + b * (product of its iteration counts and its `draws`), any other count adds linearly.
-  Attacks run against logits biased so that they never succeed: no early stop (an upper bound). The overhead table's timing draws and the gradient
-  probe of attack cells are not counted.
+  Attacks run against logits biased so that they never succeed: no early stop (an upper bound).
+  The overhead table's timing draws and the gradient probe of attack cells are not counted.
 """
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,8 +79,9 @@ def extrapolate(measure: Callable[[dict[str, int]], int], real: dict[str, int], 
     """FLOPs at the `real` counts from runs at small counts.
 
     Counts in `product` multiply (cost a + b * their product, e.g. steps x restarts x draws of an
-    attack; those whose doubling changes nothing are dropped): the slope b comes from the first of them run at min(n, `probe`) against all counts at 1
-    (a few steps, so that schedules with checkpoints are exercised). Every other count adds
+    attack; those whose doubling changes nothing are dropped): the slope b comes from the first of
+    them run at min(n, `probe`) against all counts at 1 (a few steps, so that schedules with
+    checkpoints are exercised). Every other count adds
     b_k * (n_k - 1), b_k measured at 2.
     """
     ones = {k: 1 for k in real}
@@ -101,7 +103,7 @@ def extrapolate(measure: Callable[[dict[str, int]], int], real: dict[str, int], 
 
 
 def model_key(cell: Cell) -> str:
-    """The cell's model-cache identity: its defense config without evaluation-only parameters (as the runner keys it)."""
+    """The cell's model-cache identity: its defense config without evaluation-only parameters (as the runner)."""
     eval_only = set(DEFENSES.info(cell.defense).eval_params)
     trained = dict(cell.defense_config(),
                    defense_params={k: v for k, v in cell.defense_params.items() if k not in eval_only})
@@ -273,7 +275,7 @@ def estimate_profile(profile: Profile, device_flops: float, rate_note: str,
     began = time.perf_counter()
     lines: list[CellCost] = []
     models: dict[str, nn.Module] = {}
-    per_example: dict[tuple, float] = {}
+    per_example: dict[str, float] = {}
     for cell in profile.cells:
         key = model_key(cell)
         if key not in models:
@@ -293,13 +295,13 @@ def estimate_profile(profile: Profile, device_flops: float, rate_note: str,
             flops = 0.0
             parts = []
             if certified:
-                memo = (key, "certify", canonical_json(cell.defense_params))
+                memo = canonical_json([key, "certify", cell.defense_params])
                 if memo not in per_example:
                     per_example[memo] = _clean_flops(cell, model, x, certify=True)
                 flops += per_example[memo] * certify_rows
                 parts.append(f"{certify_rows} certified")
             if not certified or certify_rows < cell.examples:
-                memo = (key, "predict", canonical_json(cell.defense_params))
+                memo = canonical_json([key, "predict", cell.defense_params])
                 if memo not in per_example:
                     per_example[memo] = _clean_flops(cell, model, x, certify=False)
                 predicted = cell.examples - (certify_rows if certified else 0)
@@ -308,8 +310,7 @@ def estimate_profile(profile: Profile, device_flops: float, rate_note: str,
             lines.append(CellCost(_cell_label(cell), cell.dataset, "certify" if certified else "predict", flops,
                                   ", ".join(parts)))
         else:
-            memo = (key, cell.attack, cell.norm, cell.eps, canonical_json(cell.attack_params),
-                    canonical_json(cell.defense_params))
+            memo = canonical_json([key, cell.attack, cell.norm, cell.eps, cell.attack_params, cell.defense_params])
             if memo not in per_example:
                 per_example[memo] = _attack_flops(cell, model, x)
             lines.append(CellCost(_cell_label(cell), cell.dataset, "attack", per_example[memo] * cell.examples,
@@ -356,7 +357,8 @@ def format_estimate(estimate: Estimate, profile: str) -> str:
                    f"{_duration(line.flops / rate):>10s}  {line.note}")
     out.append("totals:")
     for dataset, flops in estimate.totals().items():
-        out.append(f"{'  ' + dataset:48s} {dataset:10s} {'total':8s} {flops / 1e12:12.4g} {_duration(flops / rate):>10s}")
+        out.append(f"{'  ' + dataset:48s} {dataset:10s} {'total':8s} {flops / 1e12:12.4g} "
+                   f"{_duration(flops / rate):>10s}")
     out.append(f"{'  all datasets':48s} {'':10s} {'total':8s} {estimate.total / 1e12:12.4g} "
                f"{_duration(estimate.total / rate):>10s}")
     out.append(f"(estimated in {estimate.seconds:.1f} s)")
@@ -381,7 +383,8 @@ def cmd_estimate(args: Any) -> int:
                 f"{'CUDA device' if torch.cuda.is_available() else 'CPU'}; pass --device-flops for another device")
     else:
         rate, note = float(args.device_flops), "given by --device-flops"
-    estimate = estimate_profile(profile, rate, note)
+    estimate = estimate_profile(profile, rate, note,
+                                log=lambda message: print(f"counting: {message}", file=sys.stderr, flush=True))
     print(format_estimate(estimate, profile.name), end="")
     return 0
 
