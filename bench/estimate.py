@@ -5,12 +5,13 @@ Method (every number is an estimate):
 - training: one step (the defense's `loss` + backward on `SAMPLE_ROWS` random rows, scaled linearly to
   the batch size, plus its `after_step` hook) times the step count (--max-steps respected); a model
   shared by several cells (one model-cache key) is counted once;
-- cells: the attack, the judgement and the clean prediction / certification on `SAMPLE_ROWS` random
+- cells: the attack, the judgement and the clean prediction / certification on `CELL_ROWS` random
   examples, scaled linearly to the cell's examples; every iteration count (steps, binary_steps,
   restarts, queries, target_classes) and draw count is run at 1 and 2 and extrapolated: an attack's
   cost is a + b * (product of its iteration counts and its `draws`), any other count adds linearly.
   Attacks run against logits biased so that they never succeed: no early stop (an upper bound).
-  The overhead table's timing draws and the gradient probe of attack cells are not counted.
+  Cells differing only in eps share one count. The overhead table's timing draws and the gradient
+  probe of attack cells are not counted.
 """
 from __future__ import annotations
 
@@ -33,9 +34,10 @@ from bench.types import Cell, canonical_json
 __all__ = ["SAMPLE_ROWS", "CellCost", "Estimate", "estimate_profile", "format_estimate", "gemm_rate",
            "model_key", "training_step_flops", "counted"]
 
-SAMPLE_ROWS = 2  # random examples (and training rows) actually run; everything is scaled from them
+SAMPLE_ROWS = 2  # random training rows actually run; a step is scaled from them to the batch size
+CELL_ROWS = 1  # random test examples actually run per cell; scaled to the cell's examples
 ITERATION_WORDS = ("steps", "restarts", "queries", "target_classes")
-PROBE = 10  # the leading iteration count is run at up to this many iterations to fit its slope
+PROBE = 5  # the leading iteration count is run at up to this many iterations to fit its slope
 
 
 class _GlobalOnly:
@@ -287,7 +289,7 @@ def estimate_profile(profile: Profile, device_flops: float, rate_note: str,
                 torch.manual_seed(cell.seed)
                 models[key] = _defense(cell).build_model().eval()
         model = models[key]
-        x, _ = _inputs(cell.dataset, SAMPLE_ROWS, cell.seed)
+        x, _ = _inputs(cell.dataset, CELL_ROWS, cell.seed)
         log(f"cell {_cell_label(cell)} on {cell.dataset}")
         if cell.attack == "none":
             certified = DEFENSES.info(cell.defense).certified
@@ -310,7 +312,8 @@ def estimate_profile(profile: Profile, device_flops: float, rate_note: str,
             lines.append(CellCost(_cell_label(cell), cell.dataset, "certify" if certified else "predict", flops,
                                   ", ".join(parts)))
         else:
-            memo = canonical_json([key, cell.attack, cell.norm, cell.eps, cell.attack_params, cell.defense_params])
+            # eps is left out: an attack that never succeeds spends the same at every eps.
+            memo = canonical_json([key, cell.attack, cell.norm, cell.attack_params, cell.defense_params])
             if memo not in per_example:
                 per_example[memo] = _attack_flops(cell, model, x)
             lines.append(CellCost(_cell_label(cell), cell.dataset, "attack", per_example[memo] * cell.examples,
@@ -347,8 +350,8 @@ def format_estimate(estimate: Estimate, profile: str) -> str:
     """The estimate as a text table: one line per model and cell, then per-dataset totals and the grand total."""
     rate = estimate.device_flops
     out = [f"estimate of profile {profile!r} at {rate:.3g} FLOP/s ({estimate.rate_note})",
-           f"method: FLOPs counted with torch.utils.flop_counter (matmuls, convolutions) on {SAMPLE_ROWS} random "
-           "examples / rows, iteration and draw counts run small and "
+           f"method: FLOPs counted with torch.utils.flop_counter (matmuls, convolutions) on {CELL_ROWS} random "
+           f"example(s) per cell and {SAMPLE_ROWS} training rows, iteration and draw counts run small and "
            "extrapolated, scaled to the configured steps, batch sizes and examples; attacks never succeed (no early "
            "stop: an upper bound); each trained model counted once",
            f"{'line':48s} {'dataset':10s} {'kind':8s} {'TFLOP':>12s} {'time':>10s}  note"]
