@@ -353,7 +353,8 @@ def format_estimate(estimate: Estimate, profile: str) -> str:
            f"method: FLOPs counted with torch.utils.flop_counter (matmuls, convolutions) on {CELL_ROWS} random "
            f"example(s) per cell and {SAMPLE_ROWS} training rows, iteration and draw counts run small and "
            "extrapolated, scaled to the configured steps, batch sizes and examples; attacks never succeed (no early "
-           "stop: an upper bound); each trained model counted once",
+           "stop: an upper bound); each trained model counted once; times assume the device sustains F on this work "
+           "(small models and Monte Carlo batches run below a GEMM's rate, so read times as lower bounds)",
            f"{'line':48s} {'dataset':10s} {'kind':8s} {'TFLOP':>12s} {'time':>10s}  note"]
     for line in estimate.lines:
         out.append(f"{line.label[:48]:48s} {line.dataset:10s} {line.kind:8s} {line.flops / 1e12:12.4g} "
