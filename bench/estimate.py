@@ -195,10 +195,11 @@ UNBREAKABLE = 1e4
 
 
 def _unbreakable(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-    """Forward hook: logits (N, K) with UNBREAKABLE added to class 0 (other outputs unchanged)."""
+    """Forward hook: logits (N, K) with UNBREAKABLE x their largest magnitude added to class 0 (others unchanged)."""
     if isinstance(output, torch.Tensor) and output.dim() == 2:
         bonus = torch.zeros(output.shape[1], dtype=output.dtype, device=output.device)
-        bonus[0] = UNBREAKABLE
+        # Relative to the logits' scale: an untrained deep net (e.g. Inception-v3) has logits near 1e12.
+        bonus[0] = UNBREAKABLE * (1 + float(output.detach().abs().amax()))
         return output + bonus
     return output
 
