@@ -299,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--results", help="results folder holding store.sqlite, for run ids")
     base.add_argument("--out", help="output folder (default: <results>/baselines/<profile>)")
     base.set_defaults(func=cmd_baseline)
+    from bench.estimate import add_parser as add_estimate
+
+    add_estimate(sub)
     return parser
 
 

@@ -114,6 +114,7 @@ HELP = {
     "compare": ["base", "new", "--results", "--tolerance", "--alpha", "--correction", "--robust-thresholds", "--all",
                 "--out"],
     "baseline": ["run", "--results", "--out"],
+    "estimate": ["profile", "--device-flops", "--examples", "--max-steps", "--max-draws", "--seed", "--threads"],
 }
 
 
