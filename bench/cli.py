@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bench.config import ConfigError, load_profile, shipped_profiles
+from bench.config import ConfigError, Profile, load_profile, shipped_profiles
 from bench.data import REPO_ROOT, DatasetError
 from bench.environment import environment
 from bench.plugins import PluginError, load_plugins, loaded_plugins, run_plugins
@@ -18,6 +18,7 @@ from bench.preflight import check_inputs
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError
 from bench.report import write_report
 from bench.cache import CacheError
+from bench.ray_executor import RaySettings, check_settings, execute_ray, import_ray
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
 from bench.store import Store, StoreError
 from bench.table_registry import tables
@@ -93,11 +94,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
         profile.batch_size = args.batch_size
-    device = pick_device(args.device)
+    device = pick_device(args.device) if args.executor == "local" else worker_device_name(args.device)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
+    ray_flags = (args.ray_address, args.ray_workers, args.cpus_per_task, args.gpus_per_task)
+    ray = ray_settings(args, profile) if args.executor == "ray" or any(v is not None for v in ray_flags) else None
     cells = keyed(profile.cells)
     if args.dry_run:
         return dry_run(args, cells)
@@ -125,13 +128,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.checkpoint_every > 0:
             raise ConfigError("--checkpoint-every must be a positive number of seconds")
         options.checkpoint_seconds = args.checkpoint_every
-    counts = execute(cells, store, options)
+    if args.executor == "ray":
+        assert ray is not None
+        counts = execute_ray(cells, store, options, ray)
+    else:
+        counts = execute(cells, store, options)
     print(f"{counts['run']} cell(s) computed, {counts['skipped']} reused from the store", flush=True)
     report = write_report(store, run_id, run_dir)
     print(report["text"], end="")
     print(f"tables written to {run_dir}")
     store.close()
     return 0
+
+
+def worker_device_name(name: str) -> torch.device:
+    """With Ray the device is chosen on each worker: only the name is checked here (the driver may have no GPU)."""
+    if name == "auto":
+        return torch.device("cpu")  # what the driver records; each worker picks its own
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported with --executor ray; use auto, cpu or cuda")
+    return device
+
+
+def ray_settings(args: argparse.Namespace, profile: Profile) -> RaySettings:
+    """Ray settings from the command line, then the profile's [run] keys, then defaults (checked)."""
+    if args.executor != "ray" and any(v is not None for v in (args.ray_address, args.ray_workers,
+                                                               args.cpus_per_task, args.gpus_per_task)):
+        raise ConfigError("--ray-address, --ray-workers, --cpus-per-task and --gpus-per-task need --executor ray")
+    cpus = args.cpus_per_task if args.cpus_per_task is not None else profile.cpus_per_task
+    gpus = args.gpus_per_task if args.gpus_per_task is not None else profile.gpus_per_task
+    settings = RaySettings(address=args.ray_address, workers=args.ray_workers,
+                           cpus_per_task=1.0 if cpus is None else cpus, gpus_per_task=gpus,
+                           plugins=run_plugins({"profile_source": profile.source}), device=args.device)
+    check_settings(settings)
+    if args.executor == "ray":
+        import_ray()  # refuse before anything is written when the extra is missing
+    return settings
 
 
 def dry_run(args: argparse.Namespace, cells) -> int:
@@ -271,6 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default 300 s); a killed run resumes training from the last checkpoint")
     run.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 on a "
                      "machine shared with other jobs)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local", help="local: cells one after another "
+                     "in this process (default); ray: Ray tasks on a local or remote cluster (pip install "
+                     "'pixeldp-bench[ray]')")
+    run.add_argument("--ray-address", metavar="ADDRESS", help="with --executor ray: a running cluster (e.g. auto or "
+                     "HOST:6379, see `ray start`); default: start a local one")
+    run.add_argument("--ray-workers", type=int, metavar="N", help="with --executor ray and no --ray-address: tasks "
+                     "run at once on the local cluster (default: one per CPU)")
+    run.add_argument("--cpus-per-task", type=float, metavar="N", help="with --executor ray: CPUs per task "
+                     "(default: profile's run.cpus_per_task, else 1)")
+    run.add_argument("--gpus-per-task", type=float, metavar="N", help="with --executor ray: GPUs per task, "
+                     "fractions share a GPU (default: profile's run.gpus_per_task, else 1 on a GPU cluster)")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list registered datasets, defenses, attacks and profiles")
     lst.add_argument("--models", action="store_true", help="list architectures with their parameter counts")

@@ -17,7 +17,7 @@ from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_b
 from bench.types import Cell
 
 RUN_KEYS = {"name", "datasets", "examples", "certify_examples", "seed", "batch_size", "l_attack", "thresholds",
-            "description", "overhead_draws", "plugins"}
+            "description", "overhead_draws", "plugins", "cpus_per_task", "gpus_per_task"}
 DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
 ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params", "examples"}
 # L1 in [0,1]-pixel units too: 10 is the budget of 10 MNIST pixels (of 784) flipped from 0 to 1.
@@ -44,6 +44,9 @@ class Profile:
     seed: int = 0
     seed_source: str = "profile"  # "profile", "argument" or "os" (drawn from the OS entropy)
     overhead_draws: list[int] = field(default_factory=lambda: [1, 10, 100, 1000])
+    # Ray executor resources per task (None: its defaults); they never change results, so no cell key holds them.
+    cpus_per_task: float | None = None
+    gpus_per_task: float | None = None
 
     def settings(self) -> dict[str, Any]:
         """Run-level settings as plain data (stored with the run)."""
@@ -176,6 +179,19 @@ def _positive_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}")
     return value
+
+
+def _resource(run: dict[str, Any], key: str) -> float | None:
+    """A Ray resource amount from [run] (None when absent): CPUs above 0, GPUs at least 0 (fractions share one)."""
+    if key not in run:
+        return None
+    value = run[key]
+    cpus = key == "cpus_per_task"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0 \
+            or (cpus and value == 0):
+        what = "above 0 (CPUs per Ray task, e.g. 2)" if cpus else ">= 0 (GPUs per Ray task; 0.25 lets four share one)"
+        raise ConfigError(f"run.{key} must be a number {what}; got {value!r}")
+    return float(value)
 
 
 def _run_name(value: Any, fallback: str) -> str:
@@ -333,7 +349,8 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
                          max_steps=max_steps, max_draws=max_draws, certify_examples=certify_examples)
     return Profile(name=_run_name(run.get("name"), name), cells=cells, batch_size=batch_size,
                    l_attack=l_attack, thresholds=thresholds, source=raw, seed=run_seed, seed_source=seed_source,
-                   overhead_draws=overhead_draws)
+                   overhead_draws=overhead_draws, cpus_per_task=_resource(run, "cpus_per_task"),
+                   gpus_per_task=_resource(run, "gpus_per_task"))
 
 
 def load_profile(name_or_path: str, **overrides: Any) -> Profile:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
 __all__ = ["exact_float32"]
 
 # The backends whose float32 precision PyTorch's (new, per-backend) API controls.
-_BACKENDS = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+# (typed Any: torch's stubs do not declare the per-backend precision attributes).
+_cudnn: Any = torch.backends.cudnn
+_BACKENDS: tuple[Any, ...] = (torch.backends.cuda.matmul, _cudnn.conv, _cudnn.rnn)
 
 
 @contextmanager

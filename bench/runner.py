@@ -28,7 +28,8 @@ from bench.trained_models import TrainedModels
 from bench.training import CHECKPOINT_SECONDS
 from bench.types import Cell, Record, derive_seed
 
-__all__ = ["RunOptions", "Runner", "execute", "keyed", "cell_seed", "AttackContractError", "IncompleteCellError"]
+__all__ = ["RunOptions", "Runner", "ModelPlan", "model_plan", "finished_cell", "describe", "heartbeat", "execute",
+           "keyed", "cell_seed", "AttackContractError", "IncompleteCellError"]
 
 
 class AttackContractError(RuntimeError):
@@ -81,6 +82,36 @@ def cell_seed(key: str) -> int:
 
 class IncompleteCellError(RuntimeError):
     """A cell produced fewer records than it has examples; it is not stored."""
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """A cell's trained model: its cache file, its training steps (0: used as built) and the config it is keyed by."""
+
+    path: Path
+    steps: int
+    config: dict[str, Any]
+
+
+def model_plan(cache: ModelCache, cell: Cell) -> ModelPlan:
+    """The cell's ModelPlan; cells sharing a `path` share one trained model."""
+    defense = DEFENSES.get(cell.defense)(DATASETS.get(cell.dataset), **cell.defense_params)
+    # Parameters a defense declares evaluation-only (e.g. draw counts) do not change the weights.
+    eval_only = set(DEFENSES.info(cell.defense).eval_params)
+    trained = dict(cell.defense_config(),
+                   defense_params={k: v for k, v in cell.defense_params.items() if k not in eval_only})
+    steps = defense.train_config.steps
+    if cell.max_steps is not None:
+        steps = min(steps, cell.max_steps)
+    return ModelPlan(cache.path(trained, model_code(cell.defense, cell.defense_params)), steps, trained)
+
+
+def finished_cell(cell: Cell, records: list[Record], info: dict[str, Any]) -> dict[str, Any]:
+    """Check a computed cell is whole (one record per example) and add its provenance to `info`."""
+    if len(records) != cell.examples or len({r.index for r in records}) != len(records):
+        raise IncompleteCellError(f"cell {describe(cell)} produced {len(records)} records for {cell.examples} "
+                                  "examples; it was not stored (nothing else was lost: re-run to retry it)")
+    return info | {"provenance": {"params": params_digest(cell), "code": cell_code(cell)}}
 
 
 @contextmanager
@@ -149,6 +180,10 @@ class Runner:
             self._defenses[memo] = self._prepare(cell, config)
         return self._defenses[memo]
 
+    def model_plan(self, cell: Cell) -> ModelPlan:
+        """Where the cell's trained model is cached and how many steps train it (nothing is built or trained)."""
+        return model_plan(self.cache, cell)
+
     def _prepare(self, cell: Cell, config: dict[str, Any]) -> tuple[Defense, dict[str, Any]]:
         """Build the cell's defense, fill its model (cache or training) and attach it with seeded noise."""
         defense = DEFENSES.get(cell.defense)(DATASETS.get(cell.dataset), **cell.defense_params)
@@ -157,21 +192,20 @@ class Runner:
             # Seeded initialisation: the same cell gives the same weights whatever ran before in this process.
             torch.manual_seed(cell.seed)
             model = defense.starting_model().to(device)  # built, with the user's weights when given
-        # Parameters a defense declares evaluation-only (e.g. draw counts) do not change the weights.
-        eval_only = set(DEFENSES.info(cell.defense).eval_params)
-        trained = dict(config, defense_params={k: v for k, v in cell.defense_params.items() if k not in eval_only})
-        path = self.cache.path(trained, model_code(cell.defense, cell.defense_params))
-        steps = defense.train_config.steps
-        if cell.max_steps is not None:
-            steps = min(steps, cell.max_steps)
-        info: dict[str, Any] = {"model_file": path.name, "train_steps": steps,
+        plan = self.model_plan(cell)
+        info: dict[str, Any] = {"model_file": plan.path.name, "train_steps": plan.steps,
                                 "parameters": bench.models.count_parameters(model)}
-        if steps == 0:
+        if plan.steps == 0:
             info["loaded_from_cache"] = False  # nothing to train: the model is used as built (e.g. pretrained)
         else:
-            info.update(self.models.obtain(cell, defense, model, path, steps, trained))
-        defense.attach(model, torch.Generator(device=device).manual_seed(cell_seed(path.name)))
+            info.update(self.models.obtain(cell, defense, model, plan.path, plan.steps, plan.config))
+        defense.attach(model, torch.Generator(device=device).manual_seed(cell_seed(plan.path.name)))
         return defense, info
+
+    def forget_defenses(self, keep: Cell | None = None) -> None:
+        """Drop the prepared defenses (and their device memory) except `keep`'s: a long-lived worker holds one."""
+        memo = None if keep is None else repr(sorted(keep.defense_config().items()))
+        self._defenses = {k: v for k, v in self._defenses.items() if k == memo}
 
     def run_cell(self, cell: Cell, key: str) -> tuple[list[Record], dict[str, Any]]:
         """Attack (or certify) the cell's test examples batch by batch; returns records and info."""
@@ -305,7 +339,7 @@ def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions) ->
     counts = {"run": 0, "skipped": 0, "waited": 0}
     pending = list(enumerate(cells, 1))
     announced: set[str] = set()
-    with _heartbeat(store.path, runner.owner):
+    with heartbeat(store.path, runner.owner):
         while pending:
             later = []
             for position, (key, cell) in pending:
@@ -314,7 +348,7 @@ def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions) ->
                     counts["waited" if key in announced else "skipped"] += 1
                 elif state == "busy":
                     if key not in announced:
-                        options.log(f"[{position}/{len(cells)}] {_describe(cell)}: being computed by "
+                        options.log(f"[{position}/{len(cells)}] {describe(cell)}: being computed by "
                                     f"{store.claim_holder('cell:' + key)}; will reuse its result")
                         announced.add(key)
                     later.append((position, (key, cell)))
@@ -328,28 +362,25 @@ def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions) ->
     return counts
 
 
-def _describe(cell: Cell) -> str:
+def describe(cell: Cell) -> str:
+    """dataset / defense / attack [eps], for log lines."""
     return f"{cell.dataset} / {cell.defense_label} / {cell.attack_label}" + (
         "" if cell.eps is None else f" eps={cell.eps:g}")
 
 
 def _compute(runner: Runner, store: Store, position: int, total: int, key: str, cell: Cell) -> None:
     """Compute one claimed cell and store it; the claim is released whatever happens."""
-    runner.options.log(f"[{position}/{total}] {_describe(cell)}")
+    runner.options.log(f"[{position}/{total}] {describe(cell)}")
     try:
         records, info = runner.run_cell(cell, key)
-        if len(records) != cell.examples or len({r.index for r in records}) != len(records):
-            raise IncompleteCellError(f"cell {_describe(cell)} produced {len(records)} records for {cell.examples} "
-                                      "examples; it was not stored (nothing else was lost: re-run to retry it)")
-        info["provenance"] = {"params": params_digest(cell), "code": cell_code(cell)}
-        store.write_cell(key, cell, records, info, runner.owner)
+        store.write_cell(key, cell, records, finished_cell(cell, records, info), runner.owner)
     except BaseException:
         store.release("cell:" + key, runner.owner)
         raise
 
 
 @contextmanager
-def _heartbeat(path: Path, owner: ClaimOwner, every: float = 60.0) -> Iterator[None]:
+def heartbeat(path: Path, owner: ClaimOwner, every: float = 60.0) -> Iterator[None]:
     """Refresh this process's claims in the background (owners on other hosts are judged by it)."""
     if str(path) == ":memory:":
         yield
