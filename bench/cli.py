@@ -99,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
-    ray_flags = (args.ray_address, args.ray_workers, args.cpus_per_task, args.gpus_per_task)
+    ray_flags = (args.ray_address, args.ray_workers, args.cpus_per_task, args.gpus_per_task,
+                 args.ray_ship_models or None)
     ray = ray_settings(args, profile) if args.executor == "ray" or any(v is not None for v in ray_flags) else None
     cells = keyed(profile.cells)
     if args.dry_run:
@@ -156,14 +157,15 @@ def worker_device_name(name: str) -> torch.device:
 
 def ray_settings(args: argparse.Namespace, profile: Profile) -> RaySettings:
     """Ray settings from the command line, then the profile's [run] keys, then defaults (checked)."""
-    if args.executor != "ray" and any(v is not None for v in (args.ray_address, args.ray_workers,
-                                                               args.cpus_per_task, args.gpus_per_task)):
-        raise ConfigError("--ray-address, --ray-workers, --cpus-per-task and --gpus-per-task need --executor ray")
+    if args.executor != "ray":
+        raise ConfigError("--ray-address, --ray-workers, --ray-ship-models, --cpus-per-task and --gpus-per-task need "
+                          "--executor ray")
     cpus = args.cpus_per_task if args.cpus_per_task is not None else profile.cpus_per_task
     gpus = args.gpus_per_task if args.gpus_per_task is not None else profile.gpus_per_task
     settings = RaySettings(address=args.ray_address, workers=args.ray_workers,
                            cpus_per_task=1.0 if cpus is None else cpus, gpus_per_task=gpus,
-                           plugins=run_plugins({"profile_source": profile.source}), device=args.device)
+                           plugins=run_plugins({"profile_source": profile.source}), device=args.device,
+                           ship_models=args.ray_ship_models)
     check_settings(settings)
     if args.executor == "ray":
         import_ray()  # refuse before anything is written when the extra is missing
@@ -318,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default: profile's run.cpus_per_task, else 1)")
     run.add_argument("--gpus-per-task", type=float, metavar="N", help="with --executor ray: GPUs per task, "
                      "fractions share a GPU (default: profile's run.gpus_per_task, else 1 on a GPU cluster)")
+    run.add_argument("--ray-ship-models", action="store_true", help="with --executor ray: send trained models "
+                     "through Ray's object store even when workers see --results (default: only when they do not)")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list registered datasets, defenses, attacks and profiles")
     lst.add_argument("--models", action="store_true", help="list architectures with their parameter counts")

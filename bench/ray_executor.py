@@ -51,6 +51,7 @@ class RaySettings:
     plugins: list[str] = field(default_factory=list)  # [run] plugins, imported by every worker
     device: str = "auto"  # resolved on each worker: auto uses the worker's GPU when Ray gave it one
     max_retries: int = 3  # Ray's retries of a task whose worker died
+    ship_models: bool = False  # models through the object store even when workers see the results folder
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class WorkerOptions:
     checkpoint_seconds: float
     plugins: tuple[str, ...]
     threads: int
+    ship_models: bool = False
 
 
 def import_ray() -> Any:
@@ -103,7 +105,7 @@ def _worker_runner(options: WorkerOptions) -> Runner:
     if options not in _RUNNERS:
         load_plugins(list(options.plugins))
         torch.set_num_threads(options.threads)
-        shared = Path(options.results_dir, "models", options.probe).exists()
+        shared = not options.ship_models and Path(options.results_dir, "models", options.probe).exists()
         results = Path(options.results_dir) if shared else Path(tempfile.gettempdir()) / "pixeldp-bench-ray"
         device = _worker_device(options.device)
         if device.type == "cuda":
@@ -256,7 +258,7 @@ def _task_setup(ray: Any, options: RunOptions, settings: RaySettings,
                            download=options.download, batch_size=options.batch_size, max_draws=options.max_draws,
                            overhead_draws=tuple(options.overhead_draws),
                            checkpoint_seconds=options.checkpoint_seconds, plugins=tuple(settings.plugins),
-                           threads=max(1, int(settings.cpus_per_task)))
+                           threads=max(1, int(settings.cpus_per_task)), ship_models=settings.ship_models)
     resources = {"num_cpus": settings.cpus_per_task, "num_gpus": gpus, "max_retries": settings.max_retries}
     slots = max(1, int(cluster.get("CPU", 1) // settings.cpus_per_task))
     if gpus > 0:

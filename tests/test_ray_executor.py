@@ -72,9 +72,9 @@ def _environment(**extra: str) -> dict[str, str]:
     return env | extra
 
 
-def _run(profile: Path, results: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+def _run(profile: Path, results: Path, *args: str, quiet: bool = True, **env: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "bench", "run", str(profile), "--results", str(results), "--device", "cpu",
-               "--quiet", *args]
+               *(["--quiet"] if quiet else []), *args]
     done = subprocess.run(command, cwd=REPO, env=_environment(**env), capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done
@@ -126,6 +126,24 @@ def test_one_worker_gives_the_local_records(profile, local_records, tmp_path):
     _run(profile, tmp_path, "--executor", "ray", "--ray-workers", "1")
     assert _records(tmp_path) == local_records
     assert not list((tmp_path / "models").glob(".ray-shared-probe-*"))  # the probe is cleaned up
+
+
+@pytest.mark.slow
+def test_models_through_the_object_store(profile, local_records, tmp_path):
+    """--ray-ship-models: workers train into their own cache and models travel as bytes; the driver keeps a copy."""
+    first = tmp_path / "first"
+    done = _run(profile, first, "--executor", "ray", "--ray-workers", "1", "--ray-ship-models", quiet=False)
+    assert done.stdout.count("training task:") == 2
+    assert _records(first) == local_records
+    models = sorted(p.name for p in (first / "models").glob("*.safetensors"))
+    assert len(models) == 2  # both trained models came back to the driver's cache
+    # A second folder seeded with those files trains nothing: the driver ships them from its cache.
+    second = tmp_path / "second"
+    (second / "models").mkdir(parents=True)
+    for name in models:
+        (second / "models" / name).write_bytes((first / "models" / name).read_bytes())
+    done = _run(profile, second, "--executor", "ray", "--ray-workers", "1", "--ray-ship-models", quiet=False)
+    assert "training task" not in done.stdout and _records(second) == local_records
 
 
 @pytest.mark.slow
