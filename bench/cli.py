@@ -152,7 +152,8 @@ def worker_device_name(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported with --executor ray; use auto, cpu or cuda")
-    return device
+    # The driver records its own hardware; a GPU-less head node still sends cells to GPU workers.
+    return device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
 
 
 def ray_settings(args: argparse.Namespace, profile: Profile) -> RaySettings:

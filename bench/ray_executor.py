@@ -253,6 +253,9 @@ def _task_setup(ray: Any, options: RunOptions, settings: RaySettings,
     cluster = ray.cluster_resources()
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    if settings.device.startswith("cuda") and (gpus == 0 or cluster.get("GPU", 0) == 0):
+        raise ConfigError(f"--device {settings.device} needs GPUs, but the tasks ask for {gpus:g} and the cluster has "
+                          f"{cluster.get('GPU', 0):g}; pass --gpus-per-task 1 on a GPU cluster, or --device auto")
     worker = WorkerOptions(results_dir=str(options.results_dir), probe="", device=settings.device,
                            data_root=None if options.data_root is None else str(options.data_root),
                            download=options.download, batch_size=options.batch_size, max_draws=options.max_draws,

@@ -226,6 +226,15 @@ def test_cli_errors_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
     assert not (tmp_path / "store.sqlite").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
+def test_cuda_without_gpus_is_refused(tmp_path, capsys):
+    """On this CPU-only cluster --device cuda cannot be honoured by any task: one line, exit 2, no cell lost."""
+    code = main(["run", "smoke", "--results", str(tmp_path), "--executor", "ray", "--ray-workers", "1",
+                 "--device", "cuda", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "needs GPUs" in err and len(err.splitlines()) == 1
+
+
 def test_missing_ray_names_the_extra(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
     assert main(["run", "smoke", "--results", str(tmp_path), "--executor", "ray"]) == 2
