@@ -92,8 +92,9 @@ def check_settings(settings: RaySettings) -> None:
                           f"a whole number, got {gpus}")
     if settings.workers is not None and settings.workers < 1:
         raise ConfigError(f"--ray-workers must be at least 1, got {settings.workers}")
-    if settings.workers is not None and settings.address is not None:
-        raise ConfigError("--ray-workers sizes a local cluster; with --ray-address the cluster's own CPUs decide")
+    if settings.workers is not None and (settings.address or os.environ.get("RAY_ADDRESS")):
+        raise ConfigError("--ray-workers sizes a local cluster; with --ray-address (or $RAY_ADDRESS) the cluster's "
+                          "own CPUs decide: drop --ray-workers")
 
 
 # ----------------------------------------------------------------------------------- worker side
