@@ -18,6 +18,7 @@ from bench.preflight import check_inputs
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError
 from bench.report import write_report
 from bench.cache import CacheError
+from attacks.template import AttackOutputError  # a (plugin) attack's own output check: a one-line error too
 from bench.ray_executor import RaySettings, check_settings, execute_ray, import_ray
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
 from bench.store import Store, StoreError
@@ -25,8 +26,8 @@ from bench.table_registry import tables
 
 __all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
 
-USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, FloatingPointError,
-               CacheError, IncompleteCellError, PluginError)
+USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, AttackOutputError,
+               FloatingPointError, CacheError, IncompleteCellError, PluginError)
 STORE_NAME = "store.sqlite"
 
 
@@ -369,3 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print("pixeldp-bench: interrupted; finished cells are saved, re-run the same command to resume",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `pixeldp-bench list | head`: the reader left; stop quietly (and keep Python's exit flush from failing).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

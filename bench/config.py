@@ -146,11 +146,21 @@ def _dataset_params(entry: dict[str, Any], where: str) -> dict[str, dict[str, An
 
 
 def _cap(params: dict[str, Any], word: str, cap: int | None) -> dict[str, Any]:
-    """Cap integer params named `word`, `word_*` or `*_word` at `cap` (None: unchanged)."""
+    """Cap integer params named `word`, `word_*` or `*_word` at `cap` (None: unchanged).
+
+    Only `word` itself goes down to 0 (`--max-steps 0`: train nothing, attack nothing); the others
+    (e.g. Madry's `attack_steps`, which must be >= 1 to build the defense) stop at 1.
+    """
     if cap is None:
         return params
-    return {k: min(v, cap) if (k == word or k.startswith(word + "_") or k.endswith("_" + word))
-            and isinstance(v, int) and not isinstance(v, bool) else v for k, v in params.items()}
+
+    def capped(key: str, value: Any) -> Any:
+        named = key == word or key.startswith(word + "_") or key.endswith("_" + word)
+        if not named or not isinstance(value, int) or isinstance(value, bool):
+            return value
+        return min(value, cap if key == word else max(cap, 1))
+
+    return {k: capped(k, v) for k, v in params.items()}
 
 
 def cap_counts(params: dict[str, Any], max_steps: int | None, max_draws: int | None) -> dict[str, Any]:

@@ -133,3 +133,32 @@ def test_help_everywhere(capsys):
         if command:  # and every option the subcommand accepts appears in its help
             options = {o for a in subcommands[command]._actions for o in a.option_strings}
             assert options <= set(text.replace(",", " ").split())
+
+
+def test_an_attack_whose_output_check_fails_is_one_line(tmp_path, capsys):
+    """A (plugin) attack the template catches leaving its ball: exit 2, one line naming it; earlier cells are kept."""
+    from attacks.template import register_attack
+    from bench.registry import ATTACKS
+
+    def overshoot(model, x, y, *, threat, generator=None):
+        return (x + 2 * threat.eps).clamp(0, 1)  # claims to project, does not
+
+    register_attack("overshoot_cli", overshoot, norm="linf", projected=True)
+    try:
+        profile = tmp_path / "liar.toml"
+        profile.write_text(TINY.replace("[attacks.pgd_linf]", "[attacks.overshoot_cli]").replace(
+            "eps = [0.0, 0.3]\nparams = { steps = 5 }", "eps = [0.1]"))
+        results = tmp_path / "results"
+        assert run_cli("run", profile, "--results", results, "--quiet") == 2
+        err = capsys.readouterr().err.strip()
+        assert "overshoot_cli" in err and "outside the linf ball" in err and len(err.splitlines()) == 1
+        assert len(Store(results / "store.sqlite", readonly=True).all_cells()) == 1  # the clean cell is kept
+    finally:
+        ATTACKS.unregister("overshoot_cli")
+
+
+def test_list_into_a_closed_pipe_is_quiet():
+    """`pixeldp-bench list | head -1`: no BrokenPipeError traceback."""
+    done = subprocess.run(f"{sys.executable} -m bench list | head -1", shell=True, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.strip() == "datasets:" and "Traceback" not in done.stderr

@@ -87,3 +87,12 @@ def test_an_attack_entry_can_use_a_nested_subset_of_the_examples():
 def test_overhead_draws_are_a_run_setting():
     profile = parse_profile(BASE.replace("[run]", "[run]\noverhead_draws = [1, 10]"), "t")
     assert profile.overhead_draws == [1, 10] and profile.settings()["overhead_draws"] == [1, 10]
+
+
+def test_max_steps_zero_keeps_inner_counts_valid():
+    """--max-steps 0 trains and attacks nothing, but counts a defense needs >= 1 (Madry's attack_steps) stay 1."""
+    profile = load_profile("smoke", max_steps=0)
+    madry = next(c for c in profile.cells if c.defense == "madry")
+    assert madry.defense_params["steps"] == 0 and madry.defense_params["attack_steps"] == 1
+    cw = next(c for c in profile.cells if c.attack == "cw_l2")
+    assert cw.attack_params["steps"] == 0 and cw.attack_params["binary_steps"] == 1
