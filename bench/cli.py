@@ -20,12 +20,13 @@ from bench.report import write_report
 from bench.cache import CacheError
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
 from bench.store import Store, StoreError
+from bench.subbatch import SubBatchMemoryError
 from bench.table_registry import tables
 
 __all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
 
 USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, FloatingPointError,
-               CacheError, IncompleteCellError, PluginError)
+               CacheError, IncompleteCellError, PluginError, SubBatchMemoryError)
 STORE_NAME = "store.sqlite"
 
 
