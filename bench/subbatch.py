@@ -43,6 +43,8 @@ class SubBatchMemoryError(RuntimeError):
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` says that the device ran out of memory (the caching allocator, cuBLAS or cuDNN)."""
+    if isinstance(error, SubBatchMemoryError):
+        return False  # already the final verdict of a back-off: retrying around it again cannot help
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return True
     return isinstance(error, RuntimeError) and any(text in str(error) for text in _ALLOCATION_FAILURES)

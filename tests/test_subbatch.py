@@ -38,6 +38,7 @@ def test_out_of_memory_errors_are_recognised():
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
     assert not is_out_of_memory(ValueError("CUDA out of memory"))  # only runtime errors come from the device
+    assert not is_out_of_memory(SubBatchMemoryError("cell: one example does not fit (CUDA out of memory)"))
 
 
 def test_back_off_halves_until_it_fits_and_outputs_equal_the_unsplit_ones():
