@@ -400,3 +400,16 @@ def test_pixeldp_sampling_on_cuda_fits_a_byte_budget():
     peak = peak_bytes(lambda: defense.samples(x, 500), device)
     assert max(rows) < 2048  # the byte budget, not chunk_rows, sized the blocks
     assert peak <= 2 * budget
+
+
+def test_one_example_too_large_for_the_device_ends_the_run_with_one_line(tmp_path, capsys, monkeypatch):
+    def too_large(self, cell, key):
+        raise SubBatchMemoryError(f"{cell.dataset} / {cell.defense_label}: one example does not fit in the memory "
+                                  "of cuda (CUDA out of memory); lower the attack's `draws`")
+
+    monkeypatch.setattr(Runner, "run_cell", too_large)
+    path = tmp_path / "p.toml"
+    path.write_text(PROFILE.format(run_batch="24", attack="pgd_linf", attack_batch=""))
+    assert main(["run", str(path), "--results", str(tmp_path / "results"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "one example does not fit" in err and "draws" in err
