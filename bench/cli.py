@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", help="dataset folder (default: $PIXELDP_BENCH_DATA or <repo>/datasets)")
     run.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--batch-size", type=int, help="examples per attack batch (replaces run.batch_size; an attack "
-                     "entry's own batch_size still wins; on CUDA fewer when memory asks)")
+    run.add_argument("--batch-size", type=int, help="examples per attack batch (replaces a number in run.batch_size; "
+                     "per-dataset and per-attack batch sizes still win; on CUDA fewer when memory asks)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-cell lines")
     run.add_argument("--dry-run", action="store_true", help="print which cells would be computed or reused, and "
                      "why, without training or attacking anything")
