@@ -22,12 +22,13 @@ from attacks.template import AttackOutputError  # a (plugin) attack's own output
 from bench.ray_executor import RaySettings, check_settings, execute_ray, import_ray
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
 from bench.store import Store, StoreError
+from bench.subbatch import SubBatchMemoryError
 from bench.table_registry import tables
 
 __all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
 
 USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, AttackOutputError,
-               FloatingPointError, CacheError, IncompleteCellError, PluginError)
+               FloatingPointError, CacheError, IncompleteCellError, PluginError, SubBatchMemoryError)
 STORE_NAME = "store.sqlite"
 
 
@@ -303,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-root", help="dataset folder (default: $PIXELDP_BENCH_DATA or <repo>/datasets)")
     run.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    run.add_argument("--batch-size", type=int, help="examples per attack batch")
+    run.add_argument("--batch-size", type=int, help="examples per attack batch (replaces a number in run.batch_size; "
+                     "per-dataset and per-attack batch sizes still win; on CUDA fewer when memory asks)")
     run.add_argument("--quiet", action="store_true", help="no progress bars or per-cell lines")
     run.add_argument("--dry-run", action="store_true", help="print which cells would be computed or reused, and "
                      "why, without training or attacking anything")

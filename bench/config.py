@@ -19,7 +19,7 @@ from bench.types import Cell
 RUN_KEYS = {"name", "datasets", "examples", "certify_examples", "seed", "batch_size", "l_attack", "thresholds",
             "description", "overhead_draws", "plugins", "cpus_per_task", "gpus_per_task"}
 DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
-ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params", "examples"}
+ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params", "examples", "batch_size"}
 # L1 in [0,1]-pixel units too: 10 is the budget of 10 MNIST pixels (of 784) flipped from 0 to 1.
 DEFAULT_L_ATTACK = {"l1": [0.0, 2.0, 4.0, 6.0, 8.0, 10.0], "l2": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5],
                     "linf": [0.0, 0.05, 0.1, 0.2, 0.3]}
@@ -204,6 +204,17 @@ def _resource(run: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def _batch_sizes(value: Any, where: str) -> tuple[int | None, dict[str, int]]:
+    """A `batch_size` setting, a whole number or a table {dataset: number}: (the number or None, the table)."""
+    if isinstance(value, dict):
+        sizes = {}
+        for dataset, size in value.items():
+            DATASETS.get(dataset)
+            sizes[dataset] = _positive_int(size, f"{where}.{dataset}")
+        return None, sizes
+    return _positive_int(value, where), {}
+
+
 def _run_name(value: Any, fallback: str) -> str:
     """A run name is a plain folder name: it can never point outside the results folder."""
     name = str(value if value is not None else fallback)
@@ -261,17 +272,20 @@ def _attack_entries(raw: dict[str, Any], defense_entries: dict[str, dict]) -> di
         entry["targets"] = _targets(entry.get("against"), defense_entries, f"attacks.{label}.against")
         if "examples" in entry:
             _positive_int(entry["examples"], f"attacks.{label}.examples")
+        entry["batch_sizes"] = _batch_sizes(entry.get("batch_size", {}), f"attacks.{label}.batch_size")
         entries[label] = entry
     return entries
 
 
 def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_entries: dict[str, dict], *,
                  examples: int, seed: int, max_steps: int | None, max_draws: int | None,
-                 certify_examples: int | None = None) -> list[Cell]:
+                 certify_examples: int | None = None, batch_sizes: dict[str, int] | None = None) -> list[Cell]:
     """Every (dataset, defense, attack, eps) cell, the clean cell first per defense, parameters resolved.
 
     `certify_examples` (< examples) makes a certified defense's clean cell certify only that nested
     stratified subset and predict the rest: clean accuracy on many examples, certificates on fewer.
+    `batch_sizes` {dataset: size} (run.batch_size as a table) and an attack entry's own `batch_size`
+    (a number or such a table, which wins) set `Cell.batch_size`; None leaves the run's.
 
     An attack entry that yields no cell at all (no eps, no matching defense or dataset) is an error,
     never a silent drop.
@@ -291,7 +305,8 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
             certify = certify_examples if certify_examples is not None and certify_examples < examples else None
             if not DEFENSES.info(d_entry["defense"]).certified:
                 certify = None
-            cells.append(Cell(attack="none", certify_examples=certify, **common))
+            run_batch = (batch_sizes or {}).get(dataset)
+            cells.append(Cell(attack="none", certify_examples=certify, batch_size=run_batch, **common))
             for a_label, a_entry in attack_entries.items():
                 if (d_label not in a_entry["targets"]
                         or dataset not in _selected(a_entry, f"attacks.{a_label}", datasets)):
@@ -302,9 +317,12 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
                 # An entry's own `examples` (e.g. an expensive EOT attack) takes the first examples of the
                 # run's stratified subset: the selection is nested, so worst cases stay per example.
                 subset = min(a_entry.get("examples", examples), examples)
+                every, by_name = a_entry.get("batch_sizes", (None, {}))
+                batch = by_name.get(dataset, every if every is not None else run_batch)
                 for eps in a_entry["eps"] if by_dataset is None else by_dataset.get(dataset, []):
                     cells.append(Cell(attack=a_entry["attack"], norm=ATTACKS.info(a_entry["attack"]).norm, eps=eps,
-                                      attack_params=a_params, attack_label=a_label, **(common | {"examples": subset})))
+                                      attack_params=a_params, attack_label=a_label, batch_size=batch,
+                                      **(common | {"examples": subset})))
                     produced[a_label] += 1
     empty = [label for label, count in produced.items() if count == 0]
     if empty:
@@ -346,7 +364,8 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     run_seed = seed if seed is not None else run["seed"] if "seed" in run else os_seed()
     if isinstance(run_seed, bool) or not isinstance(run_seed, int) or run_seed < 0:
         raise ConfigError(f"run.seed must be a whole number >= 0, got {run_seed!r}")
-    batch_size = _positive_int(run.get("batch_size", 100), "run.batch_size")
+    run_batch, batch_by_dataset = _batch_sizes(run.get("batch_size", 100), "run.batch_size")
+    batch_size = 100 if run_batch is None else run_batch
     l_attack = dict(DEFAULT_L_ATTACK)
     for norm, grid in _check_keys(run.get("l_attack", {}), set(DEFAULT_L_ATTACK), "run.l_attack").items():
         l_attack[norm] = _numbers(_as_list(grid, f"run.l_attack.{norm}"), f"run.l_attack.{norm}")
@@ -356,7 +375,8 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     defense_entries = _defense_entries(raw)
     attack_entries = _attack_entries(raw, defense_entries)
     cells = expand_cells(datasets, defense_entries, attack_entries, examples=n_examples, seed=run_seed,
-                         max_steps=max_steps, max_draws=max_draws, certify_examples=certify_examples)
+                         max_steps=max_steps, max_draws=max_draws, certify_examples=certify_examples,
+                         batch_sizes=batch_by_dataset)
     return Profile(name=_run_name(run.get("name"), name), cells=cells, batch_size=batch_size,
                    l_attack=l_attack, thresholds=thresholds, source=raw, seed=run_seed, seed_source=seed_source,
                    overhead_draws=overhead_draws, cpus_per_task=_resource(run, "cpus_per_task"),

@@ -24,6 +24,7 @@ from bench.overhead import DRAWS, measure_prediction
 from bench.registry import ATTACKS, DATASETS, DEFENSES, AttackInfo
 from bench.keys import cell_code, keyed, model_code, params_digest
 from bench.store import ClaimOwner, Store
+from bench.subbatch import SubBatches, attack_row_bytes
 from bench.trained_models import TrainedModels
 from bench.training import CHECKPOINT_SECONDS
 from bench.types import Cell, Record, derive_seed
@@ -219,18 +220,24 @@ class Runner:
         defense.reseed(derive_seed(key, "defense"))
         certified = DEFENSES.info(cell.defense).certified
         attack_info = None if cell.attack == "none" else ATTACKS.info(cell.attack)
-        records: list[Record] = []
-        batch = self.options.batch_size
-        bar = tqdm(range(0, len(indices), batch), desc=f"{cell.defense_label} x {cell.attack_label}"
+        # Sub-batches of at most the cell's batch size, fewer rows when the device's memory asks
+        # (bench.subbatch); both generators are replayed when a sub-batch is retried smaller.
+        batches = SubBatches(cell.batch_size or self.options.batch_size, device, (generator, defense.generator),
+                             what=describe(cell), log=self.options.log)
+        if attack_info is not None and device.type == "cuda":
+            draws = int(cell.attack_params.get("draws", 1)) if attack_info.eot else 1
+            batches.fit(attack_row_bytes(defense.attached_model(), x_all[:1].to(device), draws))
+        bar = tqdm(total=len(indices), desc=f"{cell.defense_label} x {cell.attack_label}"
                    + ("" if cell.eps is None else f"@{cell.eps:g}"), disable=not self.options.progress, leave=False)
-        for start in bar:
-            xb = x_all[start:start + batch].to(device)
-            yb = y_all[start:start + batch].to(device)
+
+        def sub_batch(start: int, stop: int) -> list[Record]:
+            xb = x_all[start:stop].to(device)
+            yb = y_all[start:stop].to(device)
             began = time.perf_counter()
             row_seconds = None
             with count_forward_passes(defense.attached_model()) as passes:
                 if attack_info is None:
-                    rows = None if certify_rows is None else certify_rows[start:start + len(yb)]
+                    rows = None if certify_rows is None else certify_rows[start:stop]
                     pred, radius, row_seconds = self._clean(defense, xb, certified, rows)
                     adv_pred, norms = pred, torch.zeros(len(yb))
                 else:
@@ -239,9 +246,15 @@ class Runner:
             seconds: float | torch.Tensor = (time.perf_counter() - began) / len(yb)
             if row_seconds is not None:
                 seconds = row_seconds  # certified and predicted rows timed apart (certify_examples)
-            records += batch_records(indices[start:start + len(yb)], yb, pred, adv_pred, norms, radius, seconds,
-                                     passes[0] // len(yb))
-        return records, self._cell_info(cell, defense, defense_info, attack_info, x_all, y_all)
+            return batch_records(indices[start:stop], yb, pred, adv_pred, norms, radius, seconds, passes[0] // len(yb))
+
+        try:
+            records = [record for part in batches.run(sub_batch, len(indices), bar.update) for record in part]
+        finally:
+            bar.close()
+        info = self._cell_info(cell, defense, defense_info, attack_info, x_all, y_all, batches.size)
+        info["sub_batches"] = {"limit": batches.limit, "sizes": batches.sizes}
+        return records, info
 
     def _attacked(self, cell: Cell, defense: Defense, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
                   minimum_norm: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -262,9 +275,9 @@ class Runner:
         return pred, adv_pred, radius, norms
 
     def _cell_info(self, cell: Cell, defense: Defense, defense_info: dict[str, Any], attack_info: AttackInfo | None,
-                   x_all: torch.Tensor, y_all: torch.Tensor) -> dict[str, Any]:
+                   x_all: torch.Tensor, y_all: torch.Tensor, batch: int) -> dict[str, Any]:
         """What the cell stores besides its records: training info, flags, gradient health or overhead timings."""
-        device, batch = self.options.device, self.options.batch_size
+        device = self.options.device
         info = {"defense": defense_info, "device": str(device), "attack_kwargs": dict(cell.attack_params),
                 "randomized": DEFENSES.info(cell.defense).randomized, "eot": bool(attack_info and attack_info.eot),
                 "minimum_norm": bool(attack_info and attack_info.minimum_norm)}

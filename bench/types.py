@@ -165,6 +165,10 @@ class Cell:
     # Clean cells of certified defenses: certify only this nested stratified subset of the
     # examples and predict the rest (None: certify all of them).
     certify_examples: int | None = None
+    # Most examples attacked (or certified) together: the profile's per-attack or per-dataset
+    # `batch_size` (None: the run's). Like run.batch_size and the device, an execution setting,
+    # not part of the configuration a key hashes (bench.subbatch may lower it to fit memory anyway).
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         # Labels default to the registry names; they name rows and columns of the tables.
@@ -190,10 +194,12 @@ class Cell:
         }
 
     def config(self) -> dict[str, Any]:
-        """The full configuration as plain data (certify_examples only when set, so older keys stay)."""
+        """The full configuration as plain data (certify_examples only when set, so older keys stay; batch_size
+        never: it is how the cell runs, not what it computes)."""
         config = asdict(self)
         if config["certify_examples"] is None:
             del config["certify_examples"]
+        del config["batch_size"]
         return config
 
 

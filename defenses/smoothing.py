@@ -12,6 +12,7 @@ from torch import nn
 from bench.data import DatasetSpec
 from bench.defense import Defense
 from bench.registry import DEFENSES
+from bench.subbatch import rows_within
 from defenses.pixeldp.noise import NoiseLayer, os_seeded_generator
 
 ABSTAIN = -1  # the label of an abstention: never equal to a true label, so it counts as wrong everywhere
@@ -41,16 +42,19 @@ class SmoothedClassifier(nn.Module):
 
 @torch.no_grad()
 def class_counts(model: SmoothedClassifier, x: torch.Tensor, draws: int, classes: int,
-                 chunk_rows: int = 2048) -> np.ndarray:
+                 chunk_rows: int = 2048, chunk_bytes: int | None = None) -> np.ndarray:
     """(N, K) int64: how often the base classifier's argmax is each class over `draws` noisy copies of each image.
 
-    Noise order (so that an independent implementation can replay the generator): images in blocks
-    of max(1, chunk_rows // draws); per block, draws in pieces of min(draws, chunk_rows) per image,
-    each piece one (block, piece, C, H, W) draw from the noise layer's generator.
+    A forward holds `rows` noisy images: at most `chunk_rows`, and at most `chunk_bytes` at the
+    measured cost of one (bench.subbatch.rows_within; None: half the free memory on CUDA, no
+    bound elsewhere). Noise order (so that an independent implementation can replay the
+    generator): images in blocks of max(1, rows // draws); per block, draws in pieces of
+    min(draws, rows) per image, each piece one (block, piece, C, H, W) draw from the noise layer's generator.
     """
     n = x.shape[0]
-    block = max(1, chunk_rows // draws)
-    piece = max(1, min(draws, chunk_rows))
+    rows = rows_within(model.body, x, chunk_rows, chunk_bytes)
+    block = max(1, rows // draws)
+    piece = max(1, min(draws, rows))
     counts = torch.zeros(n, classes, dtype=torch.int64, device=x.device)
     for start in range(0, n, block):
         xb = x[start:start + block]
@@ -102,7 +106,7 @@ def predict_from_counts(counts: np.ndarray, alpha: float) -> np.ndarray:
 @DEFENSES.register("randomized_smoothing", family="randomized smoothing", randomized=True, certified=True,
                    certified_norm="l2", certifier="cohen",
                    eval_params=("draws_select", "draws_certify", "draws_attack", "draws_predict", "alpha",
-                                "chunk_rows"))
+                                "chunk_rows", "chunk_bytes"))
 class RandomizedSmoothing(Defense):
     """Randomized smoothing (Cohen et al., ICML 2019): the most likely class of f(x + N(0, sigma^2 I)), certified in L2.
 
@@ -122,6 +126,8 @@ class RandomizedSmoothing(Defense):
         draws_predict: draws of PREDICT.
         alpha: failure probability of each certificate (and PREDICT's test level; Cohen: 0.001).
         chunk_rows: most noisy images per base-classifier forward pass.
+        chunk_bytes: most bytes of activations per base-classifier forward pass, at the measured
+            cost of an image (None: half the free memory on CUDA, no bound elsewhere).
         **params: Defense's architecture, weights and training arguments.
     """
 
@@ -132,17 +138,20 @@ class RandomizedSmoothing(Defense):
 
     def __init__(self, spec: DatasetSpec, *, sigma: float = 0.25, draws_select: int = 100, draws_certify: int = 10000,
                  draws_attack: int = 1000, draws_predict: int = 100, alpha: float = 0.001, chunk_rows: int = 2048,
-                 **params: Any):
+                 chunk_bytes: int | None = None, **params: Any):
         super().__init__(spec, **params)
         if not sigma > 0:
             raise ValueError(f"sigma must be positive, got {sigma}")
-        if min(draws_select, draws_certify, draws_attack, draws_predict, chunk_rows) < 1:
-            raise ValueError("draws_select, draws_certify, draws_attack, draws_predict and chunk_rows must be >= 1")
+        if min(draws_select, draws_certify, draws_attack, draws_predict, chunk_rows) < 1 or not (
+                chunk_bytes is None or chunk_bytes >= 1):
+            raise ValueError("draws_select, draws_certify, draws_attack, draws_predict, chunk_rows and chunk_bytes "
+                             "must be >= 1")
         if not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha}")
         self.sigma, self.alpha = float(sigma), float(alpha)
         self.draws_select, self.draws_certify = int(draws_select), int(draws_certify)
         self.draws_attack, self.draws_predict, self.chunk_rows = int(draws_attack), int(draws_predict), int(chunk_rows)
+        self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
 
     def build_model(self) -> nn.Module:
         """The base classifier behind a Gaussian noise layer on the input."""
@@ -168,7 +177,7 @@ class RandomizedSmoothing(Defense):
     def counts(self, x: torch.Tensor, draws: int) -> np.ndarray:
         """(N, K) base-classifier votes over `draws` fresh noise draws per image of x (N, C, H, W)."""
         return class_counts(cast(SmoothedClassifier, self.attached_model()), x, draws, self.spec.classes,
-                            self.chunk_rows)
+                            self.chunk_rows, self.chunk_bytes)
 
     def _certify(self, x: torch.Tensor, draws: int) -> tuple[torch.Tensor, torch.Tensor]:
         select = self.counts(x, self.draws_select)

@@ -17,6 +17,16 @@ load_plugins()
 torch.set_num_threads(1)  # two xdist workers share two CPU cores
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped (with the reason) where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 class TinyLinear(nn.Module):
     """A linear classifier on flattened 1x8x8 images: (N, 1, 8, 8) -> (N, classes)."""
 

@@ -32,7 +32,7 @@ def _noise_layer(model: nn.Module) -> NoiseLayer:
 # Parameters that only change evaluation: models trained under other values are reused.
 @DEFENSES.register("pixeldp", family="PixelDP", randomized=True, certified=True, certifier="pixeldp",
                    eval_params=("draws_certify", "draws_attack", "draws_predict", "eta", "certifier", "statistic",
-                                "bound", "chunk_rows"))
+                                "bound", "chunk_rows", "chunk_bytes"))
 class PixelDP(Defense):
     """PixelDP (Lecuyer et al., IEEE S&P 2019): a DP noise layer makes predictions certifiably robust.
 
@@ -67,7 +67,10 @@ class PixelDP(Defense):
             3e-4 as in the original, repeated `parseval_iters` times: with Adam fewer repeats let
             the measured sensitivity drift well above 1, which shrinks every radius).
         orthogonal_init: start the stem kernel at a Parseval frame (all singular values 1).
-        chunk_rows: most rows per post-noise forward pass (memory bound).
+        chunk_rows: most rows per post-noise forward pass.
+        chunk_bytes: most bytes of activations per post-noise forward pass (a memory bound sized
+            by the measured cost of a row); None: half the free memory on CUDA, CPU_BLOCK_BYTES of
+            noised activations (cache-sized) on CPU.
         **train: Defense's architecture and training arguments (arch, steps, lr, ...).
     """
 
@@ -81,7 +84,7 @@ class PixelDP(Defense):
                  draws_certify: int = 2000, draws_attack: int = 300, draws_predict: int = 25, eta: float = 0.05,
                  certifier: str = "pixeldp", statistic: str = "softmax", bound: str = "auto", noise_ramp_steps: int = 0,
                  noise_ramp_start: float = 0.1, parseval_beta: float = 3e-4, parseval_iters: int = 20,
-                 orthogonal_init: bool = True, chunk_rows: int = 2048, **train: Any):
+                 orthogonal_init: bool = True, chunk_rows: int = 2048, chunk_bytes: int | None = None, **train: Any):
         super().__init__(spec, **train)
         for name, value, allowed in (("mechanism", mechanism, MECHANISMS), ("placement", placement, PLACEMENTS),
                                      ("certifier", certifier, CERTIFIERS), ("statistic", statistic, STATISTICS),
@@ -96,8 +99,9 @@ class PixelDP(Defense):
             raise ValueError(f"certifier {certifier!r} needs Gaussian noise; Laplace noise is certified by 'pixeldp'")
         if mechanism == "gaussian" and eps > 1:
             raise ValueError(f"the Gaussian mechanism's bound needs eps <= 1, got {eps}")
-        if min(draws_certify, draws_attack, draws_predict, chunk_rows) < 1 or noise_ramp_steps < 0:
-            raise ValueError("draws and chunk_rows must be >= 1 and noise_ramp_steps >= 0")
+        bytes_ok = chunk_bytes is None or chunk_bytes >= 1
+        if min(draws_certify, draws_attack, draws_predict, chunk_rows) < 1 or not bytes_ok or noise_ramp_steps < 0:
+            raise ValueError("draws, chunk_rows and chunk_bytes must be >= 1 and noise_ramp_steps >= 0")
         if not 0 < eta < 1 or not 0 < noise_ramp_start <= 1 or parseval_beta < 0 or parseval_iters < 0:
             raise ValueError("need 0 < eta < 1, 0 < noise_ramp_start <= 1, parseval_beta >= 0, parseval_iters >= 0")
         self.L, self.eps, self.delta = float(L), float(eps), float(delta)
@@ -114,6 +118,7 @@ class PixelDP(Defense):
         self.parseval_beta, self.parseval_iters = float(parseval_beta), int(parseval_iters)
         self.orthogonal_init = bool(orthogonal_init)
         self.chunk_rows = int(chunk_rows)
+        self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
         self.sensitivity: float | None = None
 
     # ----------------------------------------------------------------- model and training
@@ -178,7 +183,7 @@ class PixelDP(Defense):
 
     def samples(self, x: torch.Tensor, draws: int) -> Samples:
         """Monte Carlo statistics of `draws` fresh noise draws per image of x (N, C, H, W)."""
-        return sample(self.attached_model(), x, draws, chunk_rows=self.chunk_rows)
+        return sample(self.attached_model(), x, draws, chunk_rows=self.chunk_rows, chunk_bytes=self.chunk_bytes)
 
     def _scores(self, samples: Samples) -> np.ndarray:
         return samples.mean if self.statistic == "softmax" else samples.counts / samples.draws

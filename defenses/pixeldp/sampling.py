@@ -1,6 +1,7 @@
 """Batched Monte Carlo over noise draws: pre-noise once per image, post-noise replicated, chunked."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from bench.draws import noise_split, noisy_logits
+from bench.subbatch import rows_within
 
 __all__ = ["Samples", "sample", "block_rows", "CPU_BLOCK_BYTES"]
 
@@ -33,36 +35,42 @@ class Samples:
 
 
 @torch.no_grad()
-def sample(model: nn.Module, x: torch.Tensor, draws: int, *, chunk_rows: int = 2048) -> Samples:
+def sample(model: nn.Module, x: torch.Tensor, draws: int, *, chunk_rows: int = 2048,
+           chunk_bytes: int | None = None) -> Samples:
     """Push `draws` independent noise draws of every image of x (N, C, H, W) through the noisy part.
 
     `model` is a bench.models.ImageClassifier whose `noise` is a NoiseLayer (any other model counts
     as all post-noise, see bench.draws.noise_split): the deterministic `pre_noise` runs ONCE per
-    image, then blocks of noisy copies (at most `chunk_rows` rows per forward, fewer on CPU: see
-    `block_rows`) go through bench.draws.noisy_logits. Draws come from the noise layer's
-    generator; the statistics do not depend on the blocking.
+    image, then blocks of noisy copies (at most `chunk_rows` rows and `chunk_bytes` bytes per
+    forward: see `block_rows`) go through bench.draws.noisy_logits. Draws come from the noise
+    layer's generator; the statistics do not depend on the blocking.
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    pre_noise, _, _ = noise_split(model)
+    pre_noise, _, post_noise = noise_split(model)
     per_chunk = max(1, chunk_rows)
     parts = []
     for i in range(0, x.shape[0], per_chunk):
         h = pre_noise(x[i:i + per_chunk])
-        rows = block_rows(h, per_chunk)
+        rows = block_rows(h, per_chunk, chunk_bytes, post_noise)
         parts += [_sample_images(model, h[j:j + rows], draws, rows) for j in range(0, h.shape[0], rows)]
     return Samples(mean=np.concatenate([p[0] for p in parts]), variance=np.concatenate([p[1] for p in parts]),
                    counts=np.concatenate([p[2] for p in parts]), draws=draws)
 
 
-def block_rows(h: torch.Tensor, chunk_rows: int) -> int:
-    """Rows per post-noise forward for pre-noise activations h (N, ...): at most `chunk_rows`, and on
-    CPU at most CPU_BLOCK_BYTES of noised activations (at least one row)."""
-    rows = max(1, chunk_rows)
-    if h.device.type == "cpu":
-        row_bytes = h[0].numel() * h.element_size()
-        rows = min(rows, max(1, CPU_BLOCK_BYTES // max(1, row_bytes)))
-    return rows
+def block_rows(h: torch.Tensor, chunk_rows: int, chunk_bytes: int | None = None,
+               post_noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
+    """Rows per post-noise forward for pre-noise activations h (N, ...): at most `chunk_rows` and at most
+    `chunk_bytes` (at least one row; bench.subbatch.rows_within).
+
+    Without `chunk_bytes`: on CPU CPU_BLOCK_BYTES of noised activations, on CUDA half the free
+    memory at the measured cost of a `post_noise` row (its peak activations, not just h's size).
+    """
+    return rows_within(post_noise or _identity, h, chunk_rows, chunk_bytes, cpu_bytes=CPU_BLOCK_BYTES)
+
+
+def _identity(h: torch.Tensor) -> torch.Tensor:
+    return h
 
 
 def _sample_images(model: nn.Module, h: torch.Tensor, draws: int, rows: int):
