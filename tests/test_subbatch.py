@@ -187,7 +187,7 @@ examples = 24
 seed = 0
 batch_size = {run_batch}
 [defenses.pixeldp]
-params = {{ arch = "cnn_small", L = 0.3, steps = 20, draws_certify = 20, draws_attack = 10, draws_predict = 5 }}
+params = {{ arch = "cnn_small", L = 0.3, steps = 80, draws_certify = 20, draws_attack = 10, draws_predict = 5 }}
 [attacks.{attack}]
 eps = [0.1]
 params = {{ steps = 3 }}
