@@ -19,7 +19,9 @@ from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError
 from bench.report import write_report
 from bench.cache import CacheError
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
+from bench.speed import AUTOCAST_CHOICES, SpeedError, check_device, configure_backends
 from bench.store import Store, StoreError
+from bench.training import LoaderOptions
 from bench.table_registry import tables
 
 __all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
@@ -86,7 +88,8 @@ def new_run_folder(results: Path, profile: str) -> tuple[str, Path]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
-                           max_draws=args.max_draws)
+                           max_draws=args.max_draws, autocast=args.autocast,
+                           channels_last=True if args.channels_last else None)
     # Weights, factories and data splits (and the examples they hold), before anything is written.
     profile = check_inputs(profile, args)
     if args.batch_size is not None:
@@ -94,6 +97,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
         profile.batch_size = args.batch_size
     device = pick_device(args.device)
+    try:
+        check_device(profile.speed, device)
+    except SpeedError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.loader_workers is not None:
+        if args.loader_workers < 0:
+            raise ConfigError(f"--loader-workers must be at least 0, got {args.loader_workers}")
+        profile.loader_workers = args.loader_workers
+    configure_backends(device, profile.cudnn_benchmark or args.cudnn_benchmark)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")
@@ -120,6 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(results_dir=results, device=device, data_root=args.data_root, download=args.download,
                          batch_size=profile.batch_size, progress=not args.quiet, max_draws=args.max_draws,
                          overhead_draws=tuple(profile.overhead_draws),
+                         loader=LoaderOptions(workers=profile.loader_workers, pin_memory=profile.pin_memory),
                          log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)))
     if args.checkpoint_every is not None:
         if not args.checkpoint_every > 0:
@@ -271,6 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "(default 300 s); a killed run resumes training from the last checkpoint")
     run.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 on a "
                      "machine shared with other jobs)")
+    run.add_argument("--autocast", choices=AUTOCAST_CHOICES, help="bf16: post-noise bodies (whole undefended "
+                     "models) in bf16 autocast on CUDA; changes results, so cells get other keys (run.autocast)")
+    run.add_argument("--channels-last", action="store_true", help="NHWC layout for post-noise bodies; changes "
+                     "rounding, so cells get other keys (run.channels_last)")
+    run.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms "
+                     "(CUDA; rounding-level differences only, not in keys) (run.cudnn_benchmark)")
+    run.add_argument("--loader-workers", type=int, help="DataLoader worker processes decoding training images "
+                     "(ImageNet); tensor datasets are batched on the device (run.loader_workers, default 0)")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list registered datasets, defenses, attacks and profiles")
     lst.add_argument("--models", action="store_true", help="list architectures with their parameter counts")

@@ -165,6 +165,9 @@ class Cell:
     # Clean cells of certified defenses: certify only this nested stratified subset of the
     # examples and predict the rest (None: certify all of them).
     certify_examples: int | None = None
+    # Opt-in speed settings that change results (bench.speed: {"autocast": "bf16", "channels_last": True});
+    # empty (the exact float32 path) for every cell they do not apply to.
+    speed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Labels default to the registry names; they name rows and columns of the tables.
@@ -180,20 +183,25 @@ class Cell:
         return ThreatModel(self.norm, math.inf if self.eps is None else self.eps)
 
     def defense_config(self) -> dict[str, Any]:
-        """What determines the trained model: dataset, defense, its params, seed and step cap."""
-        return {
+        """What determines the trained model: dataset, defense, its params, seed, step cap (and speed settings)."""
+        config = {
             "dataset": self.dataset,
             "defense": self.defense,
             "defense_params": self.defense_params,
             "seed": self.seed,
             "max_steps": self.max_steps,
         }
+        if self.speed:
+            config["speed"] = dict(self.speed)  # bf16 / channels_last training gives other weights
+        return config
 
     def config(self) -> dict[str, Any]:
-        """The full configuration as plain data (certify_examples only when set, so older keys stay)."""
+        """The full configuration as plain data (certify_examples and speed only when set, so older keys stay)."""
         config = asdict(self)
         if config["certify_examples"] is None:
             del config["certify_examples"]
+        if not config["speed"]:
+            del config["speed"]
         return config
 
 
