@@ -90,17 +90,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
                            max_draws=args.max_draws, autocast=args.autocast,
                            channels_last=True if args.channels_last else None)
+    device = pick_device(args.device)
+    try:
+        check_device(profile.speed, device)
+    except SpeedError as exc:
+        raise ConfigError(str(exc)) from None
     # Weights, factories and data splits (and the examples they hold), before anything is written.
     profile = check_inputs(profile, args)
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
         profile.batch_size = args.batch_size
-    device = pick_device(args.device)
-    try:
-        check_device(profile.speed, device)
-    except SpeedError as exc:
-        raise ConfigError(str(exc)) from None
     if args.loader_workers is not None:
         if args.loader_workers < 0:
             raise ConfigError(f"--loader-workers must be at least 0, got {args.loader_workers}")
