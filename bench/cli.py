@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bench.config import ConfigError, load_profile, shipped_profiles
+from bench.config import ConfigError, Profile, load_profile, shipped_profiles
 from bench.data import REPO_ROOT, DatasetError
 from bench.environment import environment
 from bench.plugins import PluginError, load_plugins, loaded_plugins, run_plugins
@@ -86,26 +86,37 @@ def new_run_folder(results: Path, profile: str) -> tuple[str, Path]:
     raise ConfigError(f"cannot find a free run folder name under {results}")
 
 
+def _check_speed(profile: Profile, device: torch.device) -> None:
+    """bench.speed's settings must fit the device (bf16 autocast needs CUDA): a one-line error otherwise."""
+    try:
+        check_device(profile.speed, device)
+    except SpeedError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _device_settings(args: argparse.Namespace, profile: Profile, device: torch.device) -> None:
+    """--loader-workers and --cudnn-benchmark over the profile's values; cuDNN switched on the device."""
+    if args.loader_workers is not None:
+        if args.loader_workers < 0:
+            raise ConfigError(f"--loader-workers must be at least 0, got {args.loader_workers}")
+        profile.loader_workers = args.loader_workers
+    profile.cudnn_benchmark = profile.cudnn_benchmark or args.cudnn_benchmark
+    configure_backends(device, profile.cudnn_benchmark)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
                            max_draws=args.max_draws, autocast=args.autocast,
                            channels_last=True if args.channels_last else None)
     device = pick_device(args.device)
-    try:
-        check_device(profile.speed, device)
-    except SpeedError as exc:
-        raise ConfigError(str(exc)) from None
+    _check_speed(profile, device)
     # Weights, factories and data splits (and the examples they hold), before anything is written.
     profile = check_inputs(profile, args)
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
         profile.batch_size = args.batch_size
-    if args.loader_workers is not None:
-        if args.loader_workers < 0:
-            raise ConfigError(f"--loader-workers must be at least 0, got {args.loader_workers}")
-        profile.loader_workers = args.loader_workers
-    configure_backends(device, profile.cudnn_benchmark or args.cudnn_benchmark)
+    _device_settings(args, profile, device)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")

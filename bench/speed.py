@@ -71,14 +71,16 @@ def apply_speed(model: nn.Module, speed: dict[str, Any]) -> bool:
     """Switch a model's body to the settings of `speed` (in place); False when the model cannot take them.
 
     Only bench.models.ImageClassifier models (the registry's architectures) expose the noise split
-    the settings need; a user's own network (a `factory`) stays exact.
+    the settings need, directly or as the `body` behind a wrapper's input noise (randomized
+    smoothing's base classifier, all of it post-noise); a user's own network (a `factory`) stays exact.
     """
     from bench.models import ImageClassifier  # late: bench.models imports the registry of architectures
 
     if not speed:
         return True
     if not isinstance(model, ImageClassifier):
-        return False
+        base = getattr(model, "body", None)
+        return isinstance(base, ImageClassifier) and not base.has_noise() and apply_speed(base, speed)
     model.body_autocast = AUTOCAST_DTYPES[speed["autocast"]] if "autocast" in speed else None
     model.body_channels_last = bool(speed.get("channels_last", False))
     if model.body_channels_last:

@@ -98,15 +98,20 @@ def device_resident(dataset: Dataset, device: torch.device) -> tuple[torch.Tenso
     """(images, labels, uint8?) of a tensor dataset, moved to `device` once; None for other datasets.
 
     uint8 images stay uint8 on the device (4x less memory than floats) and are converted per batch.
+    A dataset that would take more than half of a CUDA device's free memory stays on the host.
     """
     from bench.data.torchvision_sets import ImageTensorDataset  # late: torchvision is a heavy import
 
     if isinstance(dataset, ImageTensorDataset):
-        return dataset.images.to(device), dataset.targets.to(device), True
-    tensors = getattr(dataset, "tensors", None)
-    if isinstance(tensors, tuple) and len(tensors) == 2:
-        return tensors[0].to(device), tensors[1].to(device).long(), False
-    return None
+        images, labels, uint8 = dataset.images, dataset.targets, True
+    else:
+        tensors = getattr(dataset, "tensors", None)
+        if not (isinstance(tensors, tuple) and len(tensors) == 2):
+            return None
+        images, labels, uint8 = tensors[0], tensors[1].long(), False
+    if device.type == "cuda" and images.nbytes + labels.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
+        return None
+    return images.to(device), labels.to(device), uint8
 
 
 def _resident_batches(resident: tuple[torch.Tensor, torch.Tensor, bool], n: int, batch_size: int, per_epoch: int,

@@ -342,3 +342,12 @@ def test_bf16_on_cpu_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "runs on CUDA devices only" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+def test_smoothing_base_classifier_takes_the_settings_behind_its_input_noise():
+    from defenses.smoothing import RandomizedSmoothing
+
+    defense = RandomizedSmoothing(MNIST, arch="cnn_small", steps=1)
+    model = defense.build_model()
+    assert apply_speed(model, {"channels_last": True})
+    assert model.body.body_channels_last and model.body.stem.weight.is_contiguous(memory_format=torch.channels_last)
