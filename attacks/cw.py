@@ -99,6 +99,9 @@ def carlini_wagner_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
     best_l2 = torch.full_like(const, math.inf)
     best = x.clone()
     check_every = max(steps // 10, 1)
+    # Candidates are re-judged (attacks.eot.judged_logits) when that can change them: fresh draws of an
+    # EOT model, or a negative kappa (success at f < -kappa then does not imply a negative margin).
+    rejudges = callable(getattr(model, "fresh_logits", None)) or kappa < 0
     total = max(binary_steps * steps, 1)
     for search in range(binary_steps):
         # Every binary step restarts from x with a fresh optimizer, as in the original.
@@ -129,20 +132,21 @@ def carlini_wagner_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ste
             with torch.no_grad():
                 # x_new and its logits predate the step, so this records a point the model really saw.
                 success = f < -kappa
-                improved = success & (l2 < best_l2[active])
-                if bool(improved.any()):
+                best_active = best_l2[active]
+                improved = success & (l2 < best_active)
+                if rejudges and bool(improved.any()):
                     # A randomized model (EOT) re-judges candidates with fresh draws: a success of
                     # the attack's own few draws may be luck and must neither become the minimum
-                    # nor steer the search over c.
+                    # nor steer the search over c. (Only here does the step wait for the device.)
                     candidate = improved
                     judged = judged_logits(model, x_new[candidate], logits[candidate])
                     improved = candidate.clone()
                     improved[candidate] = margin_loss(judged, labels[active][candidate], targeted) < 0
                     success = success & ~(candidate & ~improved)
-                rows = active[improved]
-                best_l2[rows] = l2[improved]
-                best[rows] = x_new[improved].detach()
-                succeeded[active[success]] = True
+                # Gather, select with torch.where, scatter back by index: no boolean-mask syncs.
+                best_l2[active] = torch.where(improved, l2, best_active)
+                best[active] = torch.where(improved.view(-1, *([1] * (x.dim() - 1))), x_new.detach(), best[active])
+                succeeded[active] = succeeded[active] | success
                 if abort_early and (step + 1) % check_every == 0:
                     current = loss.detach()
                     stalled = current > previous[active] - 1e-4 * previous[active].abs()

@@ -58,7 +58,8 @@ def projected_gradient_descent(model: nn.Module, x: torch.Tensor, y: torch.Tenso
             # Rank restarts by misclassification first, then by the loss value.
             score = objective(logits, y) + 1e6 * (logits.argmax(1) != y).float()
             better = score > best_score
-            best[better] = x_adv[better]
+            # torch.where, not a boolean-mask assignment: no device sync per restart.
+            best = torch.where(better.view(-1, *([1] * (x.dim() - 1))), x_adv, best)
             best_score = torch.where(better, score, best_score)
     model.train(was_training)
     return best.detach()

@@ -21,8 +21,10 @@ from bench.cache import CacheError
 from attacks.template import AttackOutputError  # a (plugin) attack's own output check: a one-line error too
 from bench.ray_executor import RaySettings, check_settings, execute_ray, import_ray
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
+from bench.speed import AUTOCAST_CHOICES, SpeedError, check_device, configure_backends
 from bench.store import Store, StoreError
 from bench.subbatch import SubBatchMemoryError
+from bench.training import LoaderOptions
 from bench.table_registry import tables
 
 __all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
@@ -87,16 +89,38 @@ def new_run_folder(results: Path, profile: str) -> tuple[str, Path]:
     raise ConfigError(f"cannot find a free run folder name under {results}")
 
 
+def _check_speed(profile: Profile, device: torch.device) -> None:
+    """bench.speed's settings must fit the device (bf16 autocast needs CUDA): a one-line error otherwise."""
+    try:
+        check_device(profile.speed, device)
+    except SpeedError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _device_settings(args: argparse.Namespace, profile: Profile, device: torch.device) -> None:
+    """--loader-workers and --cudnn-benchmark over the profile's values; cuDNN switched on the device."""
+    if args.loader_workers is not None:
+        if args.loader_workers < 0:
+            raise ConfigError(f"--loader-workers must be at least 0, got {args.loader_workers}")
+        profile.loader_workers = args.loader_workers
+    profile.cudnn_benchmark = profile.cudnn_benchmark or args.cudnn_benchmark
+    configure_backends(device, profile.cudnn_benchmark)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
-                           max_draws=args.max_draws)
+                           max_draws=args.max_draws, autocast=args.autocast,
+                           channels_last=True if args.channels_last else None)
+    device = pick_device(args.device) if args.executor == "local" else worker_device_name(args.device)
+    if args.executor == "local" or args.device == "cpu":
+        _check_speed(profile, device)  # Ray workers check their own device (the driver may have no GPU)
     # Weights, factories and data splits (and the examples they hold), before anything is written.
     profile = check_inputs(profile, args)
     if args.batch_size is not None:
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
         profile.batch_size = args.batch_size
-    device = pick_device(args.device) if args.executor == "local" else worker_device_name(args.device)
+    _device_settings(args, profile, device)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError("--threads must be at least 1")
@@ -126,6 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = RunOptions(results_dir=results, device=device, data_root=args.data_root, download=args.download,
                          batch_size=profile.batch_size, progress=not args.quiet, max_draws=args.max_draws,
                          overhead_draws=tuple(profile.overhead_draws),
+                         loader=LoaderOptions(workers=profile.loader_workers, pin_memory=profile.pin_memory),
                          log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)))
     if args.checkpoint_every is not None:
         if not args.checkpoint_every > 0:
@@ -168,7 +193,7 @@ def ray_settings(args: argparse.Namespace, profile: Profile) -> RaySettings:
     settings = RaySettings(address=args.ray_address, workers=args.ray_workers,
                            cpus_per_task=1.0 if cpus is None else cpus, gpus_per_task=gpus,
                            plugins=run_plugins({"profile_source": profile.source}), device=args.device,
-                           ship_models=args.ray_ship_models)
+                           ship_models=args.ray_ship_models, cudnn_benchmark=profile.cudnn_benchmark)
     check_settings(settings)
     if args.executor == "ray":
         import_ray()  # refuse before anything is written when the extra is missing
@@ -326,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "fractions share a GPU (default: profile's run.gpus_per_task, else 1 on a GPU cluster)")
     run.add_argument("--ray-ship-models", action="store_true", help="with --executor ray: send trained models "
                      "through Ray's object store even when workers see --results (default: only when they do not)")
+    run.add_argument("--autocast", choices=AUTOCAST_CHOICES, help="bf16: post-noise bodies (whole undefended "
+                     "models) in bf16 autocast on CUDA; changes results, so cells get other keys (run.autocast)")
+    run.add_argument("--channels-last", action="store_true", help="NHWC layout for post-noise bodies; changes "
+                     "rounding, so cells get other keys (run.channels_last)")
+    run.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its convolution algorithms "
+                     "(CUDA; rounding-level differences only, not in keys) (run.cudnn_benchmark)")
+    run.add_argument("--loader-workers", type=int, help="DataLoader worker processes decoding training images "
+                     "(ImageNet); tensor datasets are batched on the device (run.loader_workers, default 0)")
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list registered datasets, defenses, attacks and profiles")
     lst.add_argument("--models", action="store_true", help="list architectures with their parameter counts")

@@ -14,10 +14,12 @@ from typing import Any
 from bench.keys import RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_attack_params, resolve_defense_params
 from bench.plugins import load_plugins
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
+from bench.speed import SpeedError, cell_speed, speed_settings
 from bench.types import Cell
 
 RUN_KEYS = {"name", "datasets", "examples", "certify_examples", "seed", "batch_size", "l_attack", "thresholds",
-            "description", "overhead_draws", "plugins", "cpus_per_task", "gpus_per_task"}
+            "description", "overhead_draws", "plugins", "cpus_per_task", "gpus_per_task", "autocast",
+            "channels_last", "cudnn_benchmark", "loader_workers", "pin_memory"}
 DEFENSE_KEYS = {"defense", "params", "datasets", "dataset_params"}
 ATTACK_KEYS = {"attack", "eps", "params", "datasets", "against", "dataset_params", "examples", "batch_size"}
 # L1 in [0,1]-pixel units too: 10 is the budget of 10 MNIST pixels (of 784) flipped from 0 to 1.
@@ -47,12 +49,19 @@ class Profile:
     # Ray executor resources per task (None: its defaults); they never change results, so no cell key holds them.
     cpus_per_task: float | None = None
     gpus_per_task: float | None = None
+    # bench.speed: settings that change results (in the cells' keys) and run options that do not.
+    speed: dict[str, Any] = field(default_factory=dict)
+    cudnn_benchmark: bool = False
+    loader_workers: int = 0
+    pin_memory: bool = True
 
     def settings(self) -> dict[str, Any]:
         """Run-level settings as plain data (stored with the run)."""
         return {"name": self.name, "batch_size": self.batch_size, "l_attack": self.l_attack,
                 "thresholds": self.thresholds, "seed": self.seed, "seed_source": self.seed_source,
-                "overhead_draws": self.overhead_draws}
+                "overhead_draws": self.overhead_draws, "speed": self.speed,
+                "cudnn_benchmark": self.cudnn_benchmark, "loader_workers": self.loader_workers,
+                "pin_memory": self.pin_memory}
 
 
 def shipped_profiles() -> list[str]:
@@ -279,7 +288,8 @@ def _attack_entries(raw: dict[str, Any], defense_entries: dict[str, dict]) -> di
 
 def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_entries: dict[str, dict], *,
                  examples: int, seed: int, max_steps: int | None, max_draws: int | None,
-                 certify_examples: int | None = None, batch_sizes: dict[str, int] | None = None) -> list[Cell]:
+                 certify_examples: int | None = None, batch_sizes: dict[str, int] | None = None,
+                 speed: dict[str, Any] | None = None) -> list[Cell]:
     """Every (dataset, defense, attack, eps) cell, the clean cell first per defense, parameters resolved.
 
     `certify_examples` (< examples) makes a certified defense's clean cell certify only that nested
@@ -288,7 +298,7 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
     (a number or such a table, which wins) set `Cell.batch_size`; None leaves the run's.
 
     An attack entry that yields no cell at all (no eps, no matching defense or dataset) is an error,
-    never a silent drop.
+    never a silent drop. `speed` (bench.speed) goes into the cells of the defenses it applies to.
     """
     cells: list[Cell] = []
     produced = {label: 0 for label in attack_entries}
@@ -301,7 +311,8 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
             d_params = cap_counts(_resolved_defense_params(d_entry["defense"], dataset, given, where), max_steps,
                                   max_draws)
             common = dict(dataset=dataset, defense=d_entry["defense"], defense_params=d_params,
-                          examples=examples, seed=seed, max_steps=max_steps, defense_label=d_label)
+                          examples=examples, seed=seed, max_steps=max_steps, defense_label=d_label,
+                          speed=cell_speed(DEFENSES.info(d_entry["defense"]), speed or {}))
             certify = certify_examples if certify_examples is not None and certify_examples < examples else None
             if not DEFENSES.info(d_entry["defense"]).certified:
                 certify = None
@@ -331,14 +342,31 @@ def expand_cells(datasets: list[str], defense_entries: dict[str, dict], attack_e
     return cells
 
 
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+def _speed(run: dict[str, Any], autocast: str | None, channels_last: bool | None) -> dict[str, Any]:
+    """The validated speed settings: the CLI's overrides, else the profile's run.autocast / run.channels_last."""
+    try:
+        return speed_settings(autocast if autocast is not None else run.get("autocast", "none"),
+                              channels_last if channels_last is not None else run.get("channels_last", False))
+    except SpeedError as exc:
+        raise ConfigError(f"run.{exc}") from None
+
+
 def parse_profile(text: str, name: str, *, examples: int | None = None, seed: int | None = None,
-                  max_steps: int | None = None, max_draws: int | None = None) -> Profile:
+                  max_steps: int | None = None, max_draws: int | None = None, autocast: str | None = None,
+                  channels_last: bool | None = None) -> Profile:
     """Validate a profile's TOML text and expand it into cells (clean cell first per defense).
 
     `dataset_params` tables override an entry's `params` per dataset, an attack's `eps` may be a
     table {dataset: [eps, ...]}; `max_steps` and `max_draws` cap iteration and draw counts in every
     entry's params (see `cap_counts`; the runner also caps training steps). With no seed in the
     profile or the arguments, the seed comes from the OS and is recorded in `Profile.seed_source`.
+    `autocast` and `channels_last` override the profile's run.autocast / run.channels_last.
     """
     if max_draws is not None and max_draws < 1:
         raise ConfigError("--max-draws must be at least 1")
@@ -372,15 +400,22 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     thresholds = _numbers(_as_list(run.get("thresholds", DEFAULT_THRESHOLDS), "run.thresholds"), "run.thresholds")
     overhead_draws = [_positive_int(d, "run.overhead_draws")
                       for d in _as_list(run.get("overhead_draws", [1, 10, 100, 1000]), "run.overhead_draws")]
+    speed = _speed(run, autocast, channels_last)
+    cudnn_benchmark = _flag(run.get("cudnn_benchmark", False), "run.cudnn_benchmark")
+    pin_memory = _flag(run.get("pin_memory", True), "run.pin_memory")
+    loader_workers = run.get("loader_workers", 0)
+    if isinstance(loader_workers, bool) or not isinstance(loader_workers, int) or loader_workers < 0:
+        raise ConfigError(f"run.loader_workers must be a whole number >= 0, got {loader_workers!r}")
     defense_entries = _defense_entries(raw)
     attack_entries = _attack_entries(raw, defense_entries)
     cells = expand_cells(datasets, defense_entries, attack_entries, examples=n_examples, seed=run_seed,
                          max_steps=max_steps, max_draws=max_draws, certify_examples=certify_examples,
-                         batch_sizes=batch_by_dataset)
+                         batch_sizes=batch_by_dataset, speed=speed)
     return Profile(name=_run_name(run.get("name"), name), cells=cells, batch_size=batch_size,
                    l_attack=l_attack, thresholds=thresholds, source=raw, seed=run_seed, seed_source=seed_source,
                    overhead_draws=overhead_draws, cpus_per_task=_resource(run, "cpus_per_task"),
-                   gpus_per_task=_resource(run, "gpus_per_task"))
+                   gpus_per_task=_resource(run, "gpus_per_task"), speed=speed, cudnn_benchmark=cudnn_benchmark,
+                   loader_workers=loader_workers, pin_memory=pin_memory)
 
 
 def load_profile(name_or_path: str, **overrides: Any) -> Profile:

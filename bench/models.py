@@ -6,11 +6,12 @@ puts a layer after it by assigning `model.noise`, without model-specific code.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from bench.precision import exact_float32
 from bench.registry import MODELS
 
 __all__ = ["ImageClassifier", "Normalize", "build_model", "cnn_small", "count_parameters"]
@@ -32,7 +33,15 @@ class Normalize(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    """normalize -> stem -> noise -> body; `pre_noise` and `post_noise` expose the split."""
+    """normalize -> stem -> noise -> body; `pre_noise` and `post_noise` expose the split.
+
+    With a noise layer in place, `pre_noise` runs in IEEE float32 (no TF32, no autocast): the
+    noise is calibrated to the stem's sensitivity, so the activations it is added to must be the
+    ones the bound speaks about. The opt-in speed settings (bench.speed) apply to the post-noise
+    body only, or to the whole forward of a model without noise: `body_autocast` (a dtype, e.g.
+    torch.bfloat16) and `body_channels_last`. They are plain attributes, not state: checkpoints
+    are the same either way.
+    """
 
     def __init__(self, normalize: nn.Module, stem: nn.Module, body: nn.Module):
         super().__init__()
@@ -40,17 +49,38 @@ class ImageClassifier(nn.Module):
         self.stem = stem
         self.noise: nn.Module = nn.Identity()
         self.body = body
+        self.body_autocast: torch.dtype | None = None
+        self.body_channels_last = False
+
+    def has_noise(self) -> bool:
+        """Whether a defense put a noise layer after the stem (PixelDP)."""
+        return not isinstance(self.noise, nn.Identity)
 
     def pre_noise(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) in [0,1] -> the stem's output, i.e. the activations the noise is added to."""
-        return self.stem(self.normalize(x))
+        if not self.has_noise():
+            return self.stem(self.normalize(x))
+        with exact_float32(), torch.autocast(x.device.type, enabled=False):
+            return self.stem(self.normalize(x))
 
     def post_noise(self, h: torch.Tensor) -> torch.Tensor:
-        """Stem activations (already noised) -> logits (N, classes)."""
-        return self.body(h)
+        """Stem activations (already noised) -> logits (N, classes), float32 under the speed settings."""
+        return self._fast(self.body, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_noise() and (self.body_autocast is not None or self.body_channels_last):
+            # Nothing is calibrated to the stem's output: the whole network may run fast.
+            return self._fast(lambda images: self.body(self.stem(self.normalize(images))), x)
         return self.post_noise(self.noise(self.pre_noise(x)))
+
+    def _fast(self, fn: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        """fn(h) under the speed settings; the output comes back in float32 (losses and attacks stay exact)."""
+        if self.body_channels_last and h.dim() == 4:
+            h = h.contiguous(memory_format=torch.channels_last)
+        if self.body_autocast is None:
+            return fn(h)
+        with torch.autocast(h.device.type, dtype=self.body_autocast):
+            return fn(h).float()
 
 
 def _mnist_norm(channels: int) -> Normalize:

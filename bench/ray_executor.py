@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from bench.cache import ModelCache
 from bench.config import ConfigError
 from bench.plugins import load_plugins
+from bench.speed import SpeedError, check_device, configure_backends
+from bench.training import LoaderOptions
 from bench.runner import RunOptions, Runner, describe, finished_cell, heartbeat, model_plan
 from bench.store import ClaimOwner, Store
 from bench.types import Cell, Record
@@ -52,6 +54,7 @@ class RaySettings:
     device: str = "auto"  # resolved on each worker: auto uses the worker's GPU when Ray gave it one
     max_retries: int = 3  # Ray's retries of a task whose worker died
     ship_models: bool = False  # models through the object store even when workers see the results folder
+    cudnn_benchmark: bool = False  # bench.speed: cuDNN autotuning on the workers' GPUs
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class WorkerOptions:
     plugins: tuple[str, ...]
     threads: int
     ship_models: bool = False
+    loader: LoaderOptions = field(default_factory=LoaderOptions)
+    cudnn_benchmark: bool = False
 
 
 def import_ray() -> Any:
@@ -109,14 +114,13 @@ def _worker_runner(options: WorkerOptions) -> Runner:
         shared = not options.ship_models and Path(options.results_dir, "models", options.probe).exists()
         results = Path(options.results_dir) if shared else Path(tempfile.gettempdir()) / "pixeldp-bench-ray"
         device = _worker_device(options.device)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+        configure_backends(device, options.cudnn_benchmark)
         run_options = RunOptions(results_dir=results, device=device,
                                  data_root=None if options.data_root is None else Path(options.data_root),
                                  download=options.download, batch_size=options.batch_size, progress=False,
                                  log=lambda message: None, max_draws=options.max_draws,
                                  overhead_draws=options.overhead_draws,
-                                 checkpoint_seconds=options.checkpoint_seconds)
+                                 checkpoint_seconds=options.checkpoint_seconds, loader=options.loader)
         # Claims for training live in a private in-memory store: the driver gave this model to one task.
         _RUNNERS[options] = Runner(Store(Path(":memory:")), run_options)
     return _RUNNERS[options]
@@ -128,6 +132,14 @@ def _worker_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES")
                             else "cpu")
     return torch.device(name)
+
+
+def _check_speed(cell: Cell, device: torch.device) -> None:
+    """The cell's bench.speed settings must fit this worker's device (bf16 needs CUDA): a ConfigError line otherwise."""
+    try:
+        check_device(cell.speed, device)
+    except SpeedError as exc:
+        raise ConfigError(f"{exc} (a Ray worker without a GPU got this cell: pass --gpus-per-task)") from None
 
 
 def _place_model(runner: Runner, name: str, payload: bytes | None) -> None:
@@ -144,6 +156,7 @@ def _place_model(runner: Runner, name: str, payload: bytes | None) -> None:
 def train_model(options: WorkerOptions, cell: Cell) -> bytes | None:
     """Ray task: train (or load) `cell`'s model into the cache; its bytes when the driver cannot see that cache."""
     runner = _worker_runner(options)
+    _check_speed(cell, runner.options.device)
     runner.defense(cell)  # trains, checkpointing into the worker's cache, and saves the model file
     runner.forget_defenses()
     if runner.options.results_dir == Path(options.results_dir):
@@ -155,6 +168,7 @@ def run_cell(options: WorkerOptions, key: str, cell: Cell, model_name: str,
              model: bytes | None) -> tuple[str, list[Record], dict[str, Any]]:
     """Ray task: compute one cell (its model placed first); returns its key, records and info for the driver."""
     runner = _worker_runner(options)
+    _check_speed(cell, runner.options.device)
     _place_model(runner, model_name, model)
     runner.forget_defenses(keep=cell)
     records, info = runner.run_cell(cell, key)
@@ -262,7 +276,8 @@ def _task_setup(ray: Any, options: RunOptions, settings: RaySettings,
                            download=options.download, batch_size=options.batch_size, max_draws=options.max_draws,
                            overhead_draws=tuple(options.overhead_draws),
                            checkpoint_seconds=options.checkpoint_seconds, plugins=tuple(settings.plugins),
-                           threads=max(1, int(settings.cpus_per_task)), ship_models=settings.ship_models)
+                           threads=max(1, int(settings.cpus_per_task)), ship_models=settings.ship_models,
+                           loader=options.loader, cudnn_benchmark=settings.cudnn_benchmark)
     resources = {"num_cpus": settings.cpus_per_task, "num_gpus": gpus, "max_retries": settings.max_retries}
     slots = max(1, int(cluster.get("CPU", 1) // settings.cpus_per_task))
     if gpus > 0:

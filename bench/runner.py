@@ -26,7 +26,8 @@ from bench.keys import cell_code, keyed, model_code, params_digest
 from bench.store import ClaimOwner, Store
 from bench.subbatch import SubBatches, attack_row_bytes
 from bench.trained_models import TrainedModels
-from bench.training import CHECKPOINT_SECONDS
+from bench.speed import apply_speed
+from bench.training import CHECKPOINT_SECONDS, LoaderOptions
 from bench.types import Cell, Record, derive_seed
 
 __all__ = ["RunOptions", "Runner", "ModelPlan", "model_plan", "finished_cell", "describe", "heartbeat", "execute",
@@ -52,6 +53,7 @@ class RunOptions:
     overhead_draws: tuple[int, ...] = DRAWS  # draw counts timed for the overhead table (profile: run.overhead_draws)
     checkpoint_seconds: float = CHECKPOINT_SECONDS  # training state is saved this often
     poll_seconds: float = 2.0  # how often a process waiting on another's cell or model looks again
+    loader: LoaderOptions = field(default_factory=LoaderOptions)  # training DataLoader workers (decoded datasets)
 
     def __post_init__(self) -> None:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -64,16 +66,17 @@ def batch_records(indices: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, ad
     """One Record per example of a batch (all tensors (n,)); `seconds` (scalar or (n,)) and `passes` per example.
 
     A NaN radius marks a row its clean cell did not certify (`certify_examples`): stored as None.
+    Each tensor is read back once (`tolist`), not element by element: one device sync per tensor.
     """
-    def radius_of(i: int) -> float | None:
-        return None if radius is None or math.isnan(float(radius[i])) else float(radius[i])
-
-    def seconds_of(i: int) -> float:
-        return float(seconds[i]) if isinstance(seconds, torch.Tensor) else seconds
-
-    return [Record(index=int(indices[i]), label=int(y[i]), clean_pred=int(pred[i]), adv_pred=int(adv_pred[i]),
-                   norm=float(norms[i]), radius=radius_of(i), seconds=seconds_of(i),
-                   forward_passes=passes) for i in range(len(y))]
+    n = len(y)
+    radii: list[float | None] = [None] * n if radius is None else [
+        None if math.isnan(r) else r for r in radius.detach().double().tolist()]
+    times = seconds.tolist() if isinstance(seconds, torch.Tensor) else [seconds] * n
+    rows = zip(indices.tolist(), y.tolist(), pred.tolist(), adv_pred.tolist(), norms.tolist(), radii, times,
+               strict=True)
+    return [Record(index=int(index), label=int(label), clean_pred=int(clean), adv_pred=int(adv), norm=float(norm),
+                   radius=r, seconds=float(t), forward_passes=passes)
+            for index, label, clean, adv, norm, r, t in rows]
 
 
 def cell_seed(key: str) -> int:
@@ -147,7 +150,7 @@ class Runner:
         self.models = TrainedModels(self.cache, store, self.owner, device=options.device, data_root=options.data_root,
                                     download=options.download, progress=options.progress,
                                     checkpoint_seconds=options.checkpoint_seconds,
-                                    poll_seconds=options.poll_seconds, log=options.log)
+                                    poll_seconds=options.poll_seconds, log=options.log, loader=options.loader)
         self._defenses: dict[str, tuple[Defense, dict[str, Any]]] = {}
         self._test_sets: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -193,6 +196,9 @@ class Runner:
             # Seeded initialisation: the same cell gives the same weights whatever ran before in this process.
             torch.manual_seed(cell.seed)
             model = defense.starting_model().to(device)  # built, with the user's weights when given
+        if not apply_speed(model, cell.speed):
+            self.options.log(f"{cell.defense_label}: the speed settings {cell.speed} need a registered architecture "
+                             "(an ImageClassifier); this user model runs in exact float32")
         plan = self.model_plan(cell)
         info: dict[str, Any] = {"model_file": plan.path.name, "train_steps": plan.steps,
                                 "parameters": bench.models.count_parameters(model)}

@@ -15,6 +15,7 @@ from bench.data import data_root as resolve_data_root
 from bench.data import load_split
 from bench.defense import Defense
 from bench.store import ClaimOwner, Store
+from bench.training import LoaderOptions
 from bench.types import Cell
 
 __all__ = ["TrainedModels"]
@@ -26,8 +27,9 @@ class TrainedModels:
 
     def __init__(self, cache: ModelCache, store: Store, owner: ClaimOwner, *, device: torch.device,
                  data_root: Path | None, download: bool, progress: bool, checkpoint_seconds: float,
-                 poll_seconds: float, log: Callable[[str], None]):
+                 poll_seconds: float, log: Callable[[str], None], loader: LoaderOptions | None = None):
         self.cache, self.store, self.owner = cache, store, owner
+        self.loader = loader
         self.device, self.data_root, self.download = device, data_root, download
         self.progress, self.checkpoint_seconds, self.poll_seconds = progress, checkpoint_seconds, poll_seconds
         self.log = log
@@ -73,7 +75,7 @@ class TrainedModels:
         losses = bench.training.fit(defense, model, train, steps=steps, seed=cell.seed, device=self.device,
                                     progress=self.progress, resume=resume,
                                     checkpoint=lambda state: self.cache.save_checkpoint(path, state),
-                                    checkpoint_seconds=self.checkpoint_seconds)
+                                    checkpoint_seconds=self.checkpoint_seconds, loader=self.loader)
         seconds = time.perf_counter() - began
         stats = {"train_seconds": seconds, "train_seconds_per_step": seconds / max(steps - start, 1),
                  "train_final_loss": losses[-1] if losses else None, "train_resumed_at": start}

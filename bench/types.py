@@ -169,6 +169,9 @@ class Cell:
     # `batch_size` (None: the run's). Like run.batch_size and the device, an execution setting,
     # not part of the configuration a key hashes (bench.subbatch may lower it to fit memory anyway).
     batch_size: int | None = None
+    # Opt-in speed settings that change results (bench.speed: {"autocast": "bf16", "channels_last": True});
+    # empty (the exact float32 path) for every cell they do not apply to.
+    speed: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Labels default to the registry names; they name rows and columns of the tables.
@@ -184,21 +187,26 @@ class Cell:
         return ThreatModel(self.norm, math.inf if self.eps is None else self.eps)
 
     def defense_config(self) -> dict[str, Any]:
-        """What determines the trained model: dataset, defense, its params, seed and step cap."""
-        return {
+        """What determines the trained model: dataset, defense, its params, seed, step cap (and speed settings)."""
+        config = {
             "dataset": self.dataset,
             "defense": self.defense,
             "defense_params": self.defense_params,
             "seed": self.seed,
             "max_steps": self.max_steps,
         }
+        if self.speed:
+            config["speed"] = dict(self.speed)  # bf16 / channels_last training gives other weights
+        return config
 
     def config(self) -> dict[str, Any]:
-        """The full configuration as plain data (certify_examples only when set, so older keys stay; batch_size
-        never: it is how the cell runs, not what it computes)."""
+        """The full configuration as plain data (certify_examples and speed only when set, so older keys stay;
+        batch_size never: it is how the cell runs, not what it computes)."""
         config = asdict(self)
         if config["certify_examples"] is None:
             del config["certify_examples"]
+        if not config["speed"]:
+            del config["speed"]
         del config["batch_size"]
         return config
 

@@ -38,6 +38,16 @@ def os_seeded_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return generator
 
 
+def noise_dtype(activations: torch.dtype) -> torch.dtype:
+    """The dtype noise is drawn and added in: float32, or the activations' dtype when it is wider (float64).
+
+    Never bf16 / fp16: their 8- or 11-bit mantissas would round the Gaussian's tails and the sum
+    h + noise, and the DP guarantee is stated for the real-valued mechanism. The noisy activations
+    stay in this dtype; a bf16 post-noise body rounds them only afterwards (post-processing).
+    """
+    return torch.promote_types(activations, torch.float32)
+
+
 class NoiseLayer(nn.Module):
     """Adds one fresh draw of Gaussian or Laplace noise per row, in train AND eval mode.
 
@@ -71,22 +81,24 @@ class NoiseLayer(nn.Module):
         return self.generator
 
     def sample(self, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
-        """A fresh noise tensor of `shape` with the dtype and device of `like`."""
+        """A fresh noise tensor of `shape` on the device of `like`, in float32 or wider (`noise_dtype`)."""
         generator = self._generator_for(like.device)
         # A generator on another device draws there and the noise moves (never silently reseeds).
         device = generator.device
+        dtype = noise_dtype(like.dtype)
         scale = self.scale * self.multiplier
         if self.mechanism == "gaussian":
-            noise = torch.empty(shape, device=device, dtype=like.dtype).normal_(0.0, scale, generator=generator)
+            noise = torch.empty(shape, device=device, dtype=dtype).normal_(0.0, scale, generator=generator)
         else:
             # Inverse CDF of Laplace(0, b): -b sign(u) ln(1 - 2|u|) for u uniform on (-1/2, 1/2).
-            u = torch.rand(shape, device=device, dtype=like.dtype, generator=generator) - 0.5
+            u = torch.rand(shape, device=device, dtype=dtype, generator=generator) - 0.5
             noise = -scale * u.sign() * torch.log1p(-2.0 * u.abs()).clamp_min(-1e4)
         return noise if noise.device == like.device else noise.to(like.device)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (N, ...) with independent noise on every row (differentiable in h)."""
-        # In place on the fresh noise tensor: one activation-sized allocation instead of two.
+        # In place on the fresh noise tensor: one activation-sized allocation instead of two. The
+        # sum is in the noise's dtype (float32 at least), whatever h's.
         return self.sample(h.shape, h).add_(h)
 
     def replicate(self, h: torch.Tensor, draws: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bench.precision import exact_float32
+
 
 def coverage(conv: nn.Conv2d) -> tuple[int, int]:
     """(rows, cols): the most kernel taps of `conv` that can read one input pixel, ceil(k/stride) per axis."""
@@ -183,5 +185,7 @@ def stem_sensitivity(model: nn.Module, norm: str) -> float:
     bounds = {"l2": conv_l2_bound, "l1": conv_l1_bound, "l1->l2": conv_l1_l2_bound}
     if norm not in bounds:
         raise ValueError(f"unknown sensitivity kind {norm!r}; use one of {KINDS}")
-    return bounds[norm](stem, pre_noise_std(model))
+    # float64 already; the guard also keeps any float32 step of a future bound out of TF32.
+    with exact_float32():
+        return bounds[norm](stem, pre_noise_std(model))
 
