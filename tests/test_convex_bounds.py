@@ -324,7 +324,8 @@ def explicit_wong_margins(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
         low_x, high_x = np.clip(x0 - eps, 0, 1), np.clip(x0 + eps, 0, 1)
         lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-        def bounds(rows: np.ndarray, upto: int) -> tuple[np.ndarray, np.ndarray]:
+        def bounds(rows: np.ndarray, upto: int, lines=lines, low_x=low_x,
+                   high_x=high_x) -> tuple[np.ndarray, np.ndarray]:
             a, const, icpt_lo, icpt_hi = rows, np.zeros(len(rows)), np.zeros(len(rows)), np.zeros(len(rows))
             for j in range(upto - 1, -1, -1):
                 if isinstance(ops[j], str):
@@ -394,8 +395,9 @@ def odd_conv_net(seed: int, variant: int) -> nn.Module:
         shape = (2, 13, 13)
     else:  # 11x10: dilation, a 5x5 padding-2 kernel, a bias-free conv
         bn = None
-        convs = [nn.Conv2d(2, 3, 5, stride=1, padding=2), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=1, padding=2, dilation=2),
-                 nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)]
+        convs = [nn.Conv2d(2, 3, 5, stride=1, padding=2), nn.ReLU(),
+                 nn.Conv2d(3, 4, 3, stride=1, padding=2, dilation=2), nn.ReLU(),
+                 nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)]
         shape = (2, 11, 10)
     features = nn.Sequential(*convs)
     with torch.no_grad():

@@ -84,8 +84,8 @@ class Conv:
             # One input channel (an image stem): oneDNN's deconvolution is slow there; a GEMM and one
             # col2im over the whole batch (as channels of a single image) are not.
             cols = torch.matmul(self.weight.flatten(1).t(), a.flatten(2))
-            flat = F.fold(cols.reshape(1, -1, cols.shape[-1]), tuple(in_hw), (kh, kw), self.dilation, padding,
-                          self.stride)
+            flat = F.fold(cols.reshape(1, -1, cols.shape[-1]), tuple(in_hw), (kh, kw), self.dilation,
+                          tuple(padding), self.stride)
             return flat.view(a.shape[0], 1, *in_hw)
         # output_padding recovers input sizes that the strided forward conv rounded down.
         extra = tuple(int(in_hw[i]) - ((a.shape[2 + i] - 1) * self.stride[i] - 2 * padding[i]
@@ -458,10 +458,11 @@ class _PatchCoef:
         coef = self.masked()
         bias = (coef.dot(layer.bias.view(1, -1, 1, 1).expand(1, *self.shape)) if layer.bias is not None
                 else coef.t.new_zeros(()))
-        b, l, s, c, kh, kw = coef.t.shape
+        batch, positions, rows, channels, kh, kw = coef.t.shape
         window = self.window.through(layer)
-        flat = layer.transpose(coef.t.reshape(b * l * s, c, kh, kw), window.size, (0, 0))
-        return bias, _PatchCoef(flat.view(b, l, s, *flat.shape[1:]), window, in_shape, self.out_hw, self.locs, False)
+        flat = layer.transpose(coef.t.reshape(batch * positions * rows, channels, kh, kw), window.size, (0, 0))
+        return bias, _PatchCoef(flat.view(batch, positions, rows, *flat.shape[1:]), window, in_shape, self.out_hw,
+                                self.locs, False)
 
 
 def _patch_windows(layers: list, shapes: list, k: int) -> list[_Window] | None:
@@ -490,7 +491,8 @@ def _patch_windows(layers: list, shapes: list, k: int) -> list[_Window] | None:
 def _lines(pre: dict, i: int, method: str, cache: dict):
     """_relu_lines of ReLU i, computed once per bound computation."""
     if i not in cache:
-        cache[i] = _relu_lines(*pre[i], method)
+        low, high = pre[i]
+        cache[i] = _relu_lines(low, high, method)
     return cache[i]
 
 
@@ -548,13 +550,20 @@ def _backward(layers: list, shapes: list, coef, pre: dict[int, tuple[torch.Tenso
                 # Positive coefficients take the lower line, negative ones the upper line.
                 negative = coef.t.clamp_max(0)
                 bias = bias + coef.with_t(negative).dot(up_icpt)
-                coef = coef.with_t(coef.t.clamp_min(0) * coef.like(lo_slope) + negative * coef.like(up_slope), clean=True)
+                mixed = coef.t.clamp_min(0) * coef.like(lo_slope) + negative * coef.like(up_slope)
+                coef = coef.with_t(mixed, clean=True)
             else:
                 term, coef = coef.through(layer, shapes[i])
                 bias = bias + term
         return concretize(coef)[0] + bias
 
     return lower_pass(coef), (-lower_pass(coef.with_t(-coef.t)) if upper else None)
+
+
+def _upper(bounds: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """The upper bound of a _backward(..., upper=True) result."""
+    assert bounds[1] is not None  # upper=True
+    return bounds[1]
 
 
 def _identity_bounds(layers: list, shapes: list, k: int, pre: dict, method: str,
@@ -582,11 +591,10 @@ def _identity_bounds(layers: list, shapes: list, k: int, pre: dict, method: str,
         chunks = [_PatchCoef(eye.expand(1, min(positions, begin + step) - begin, channels, channels, 1, 1),
                              start_window, shape, (out_h, out_w), slice(begin, begin + step), True)
                   for begin in range(0, positions, step)]
-        lows, highs = zip(*(_backward(layers[:k], shapes, coef, pre, method, 0, inputs, True, lines)
-                            for coef in chunks))
+        parts = [_backward(layers[:k], shapes, coef, pre, method, 0, inputs, True, lines) for coef in chunks]
         # Each chunk's rows are (channel, position); reassemble the positions of every channel.
-        low = torch.cat([t.view(n, channels, -1) for t in lows], 2)
-        high = torch.cat([t.view(n, channels, -1) for t in highs], 2)
+        low = torch.cat([part[0].view(n, channels, -1) for part in parts], 2)
+        high = torch.cat([_upper(part).view(n, channels, -1) for part in parts], 2)
         return low.view(n, *shape), high.view(n, *shape)
     widest = max(int(torch.Size(s).numel()) for s in shapes[:k + 1])
     rows = max(1, CHUNK_BYTES // max(1, n * widest * itemsize))
@@ -595,10 +603,9 @@ def _identity_bounds(layers: list, shapes: list, k: int, pre: dict, method: str,
     for begin in range(0, size, rows):
         part = eye[begin:begin + rows]
         coef = _DenseCoef(part.view(1, -1, *shape))
-        low, high = _backward(layers[:k], shapes, coef, pre, method, 0, inputs, True, lines)
-        assert high is not None  # upper=True
-        lows.append(low)
-        highs.append(high)
+        bounds = _backward(layers[:k], shapes, coef, pre, method, 0, inputs, True, lines)
+        lows.append(bounds[0])
+        highs.append(_upper(bounds))
     return torch.cat(lows, 1).view(n, *shape), torch.cat(highs, 1).view(n, *shape)
 
 
