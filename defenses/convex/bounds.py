@@ -588,8 +588,9 @@ def _identity_bounds(layers: list, shapes: list, k: int, pre: dict, method: str,
         step = max(1, min(positions, CHUNK_BYTES // per_position))
         eye = torch.eye(channels, dtype=inputs.x.dtype, device=inputs.x.device).view(1, 1, channels, channels, 1, 1)
         start_window = _Window((1, 1), (1, 1), (0, 0))
-        chunks = [_PatchCoef(eye.expand(1, min(positions, begin + step) - begin, channels, channels, 1, 1),
-                             start_window, shape, (out_h, out_w), slice(begin, begin + step), True)
+        # The identity is the same at every position (one row block broadcast over positions and examples
+        # until the first ReLU), so the first transposed convolution runs once, not N x positions times.
+        chunks = [_PatchCoef(eye, start_window, shape, (out_h, out_w), slice(begin, begin + step), True)
                   for begin in range(0, positions, step)]
         parts = [_backward(layers[:k], shapes, coef, pre, method, 0, inputs, True, lines) for coef in chunks]
         # Each chunk's rows are (channel, position); reassemble the positions of every channel.
