@@ -288,3 +288,170 @@ def test_certified_radius_resists_pgd(smoke_convex):
         assert int(defense.predict(x_adv)[0]) == int(pred[i])
     _, flags = defense.certified_at(x, eps=0.0)
     assert bool(flags.all())
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast paths (patches for convolutional prefixes, chunking) against plain references.
+# ---------------------------------------------------------------------------------------------
+
+def wk_mnist_net(seed: int, size: int = 28) -> nn.Sequential:
+    """conv16(4,s2,p1)-conv32(4,s2,p1)-fc100-fc10 (the Wong & Kolter MNIST net) on size x size inputs, float64."""
+    torch.manual_seed(seed)
+    flat = 32 * (size // 4) ** 2
+    return nn.Sequential(nn.Conv2d(1, 16, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 4, stride=2, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(flat, 100), nn.ReLU(), nn.Linear(100, 10)).double().eval()
+
+
+def explicit_wong_margins(net: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> np.ndarray:
+    """(N, K) Wong-Kolter lower bounds of z_y - z_j from explicit dense matrices (eqs. 6-10 of the paper).
+
+    Every affine layer is read off as a matrix; each ReLU's pre-activation bounds come from the
+    identity propagated backwards through the matrices (u/(u-l) slopes, -u l/(u-l) intercepts on
+    the unstable neurons); the input set is the L-inf ball intersected with [0,1].
+    """
+    layers = linearize(net)
+    with torch.no_grad():
+        shapes = []
+        h = x[:1]
+        for layer in layers:
+            shapes.append(tuple(h.shape[1:]))
+            h = layer.forward(h)
+    ops = ["relu" if isinstance(layer, ReLU) else dense_affine(layer, shapes[i]) for i, layer in enumerate(layers)]
+    classes = h.shape[1]
+    out = np.zeros((len(x), classes))
+    for n in range(len(x)):
+        x0 = x[n].flatten().numpy()
+        low_x, high_x = np.clip(x0 - eps, 0, 1), np.clip(x0 + eps, 0, 1)
+        lines: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        def bounds(rows: np.ndarray, upto: int, lines=lines, low_x=low_x,
+                   high_x=high_x) -> tuple[np.ndarray, np.ndarray]:
+            a, const, icpt_lo, icpt_hi = rows, np.zeros(len(rows)), np.zeros(len(rows)), np.zeros(len(rows))
+            for j in range(upto - 1, -1, -1):
+                if isinstance(ops[j], str):
+                    slope, icpt = lines[j]
+                    icpt_lo += np.minimum(a, 0) @ icpt
+                    icpt_hi += np.maximum(a, 0) @ icpt
+                    a = a * slope
+                else:
+                    weight, bias = ops[j]
+                    const += a @ bias
+                    a = a @ weight
+            mid, rad = (low_x + high_x) / 2, (high_x - low_x) / 2
+            return a @ mid - np.abs(a) @ rad + const + icpt_lo, a @ mid + np.abs(a) @ rad + const + icpt_hi
+
+        for j, op in enumerate(ops):
+            if isinstance(op, str):
+                low, high = bounds(np.eye(int(np.prod(shapes[j]))), j)
+                unstable = (low < 0) & (high > 0)
+                slope = np.where(low >= 0, 1.0, np.where(unstable, high / np.where(unstable, high - low, 1), 0.0))
+                lines[j] = (slope, np.where(unstable, -slope * low, 0.0))
+        spec = np.eye(classes)[int(y[n])] - np.eye(classes)
+        out[n] = bounds(spec, len(ops))[0]
+    return out
+
+
+def test_wong_matches_explicit_dual_on_the_mnist_architecture():
+    """float64 to 1e-9 and float32 to 1e-5 (relative) of the explicit dense dual, on 12x12 and 28x28 inputs."""
+    for seed, size, n in ((0, 12, 6), (1, 12, 6), (2, 28, 1)):
+        net = wk_mnist_net(seed, size)
+        x = images(seed, n, (1, size, size))
+        y = net(x).argmax(1)
+        eps = 0.1 if size == 28 else 0.05
+        reference = explicit_wong_margins(net, x, y, eps)
+        scale = np.abs(reference).max()
+        ours = margin_lower_bounds(net, x, y, norm="linf", eps=eps, method="wong").detach().numpy()
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-9 * scale)
+        single = margin_lower_bounds(net.float(), x.float(), y, norm="linf", eps=eps, method="wong").detach().numpy()
+        np.testing.assert_allclose(single, reference, rtol=0, atol=1e-5 * scale)
+
+
+def test_mnist_architecture_bounds_below_sampled_points():
+    """No point of the ball (random, vertices, PGD) has a margin below any method's bound (28x28, eps 0.1)."""
+    threat = ThreatModel("linf", 0.1)
+    for seed in range(2):
+        net = wk_mnist_net(10 + seed)
+        x = images(seed, 4, (1, 28, 28))
+        y = net(x).argmax(1)
+        observed = sampled_min_margins(net, x, y, threat, draws=32, restarts=1)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _ in range(32):  # vertices of the box, where linear pieces take their extremes
+                signs = torch.randint(0, 2, x.shape, generator=generator, dtype=torch.float64) * 2 - 1
+                logits = net((x + 0.1 * signs).clamp(0, 1))
+                observed = torch.minimum(observed, logits.gather(1, y[:, None]) - logits)
+        for method in METHODS:
+            bounds = margin_lower_bounds(net, x, y, norm="linf", eps=0.1, method=method)
+            assert bool((bounds <= observed + TOL).all()), (method, seed, (bounds - observed).max().item())
+
+
+def odd_conv_net(seed: int, variant: int) -> nn.Module:
+    """Random conv nets whose windows hit padding, floor-rounded strides, dilation and affine layers mid-way."""
+    torch.manual_seed(seed)
+    if variant == 0:  # 13x13: strided convs round down; batch norm after a ReLU (a ChannelAffine with a shift)
+        bn = nn.BatchNorm2d(4)
+        convs = [nn.Conv2d(2, 4, 3, stride=1, padding=1), nn.ReLU(), bn, nn.Conv2d(4, 5, 4, stride=2, padding=1),
+                 nn.ReLU(), nn.Conv2d(5, 3, 3, stride=2, padding=0)]
+        shape = (2, 13, 13)
+    else:  # 11x10: dilation, a 5x5 padding-2 kernel, a bias-free conv
+        bn = None
+        convs = [nn.Conv2d(2, 3, 5, stride=1, padding=2), nn.ReLU(),
+                 nn.Conv2d(3, 4, 3, stride=1, padding=2, dilation=2), nn.ReLU(),
+                 nn.Conv2d(4, 4, 3, stride=2, padding=1, bias=False)]
+        shape = (2, 11, 10)
+    features = nn.Sequential(*convs)
+    with torch.no_grad():
+        flat = features(torch.zeros(1, *shape)).numel()
+    net = nn.Sequential(Normalize([0.4, 0.5], [0.3, 0.6]), features, nn.ReLU(), nn.Flatten(), nn.Linear(flat, 6),
+                        nn.ReLU(), nn.Linear(6, 4)).double().eval()
+    if bn is not None:
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -0.3, 0.3)
+    net.input_shape = shape
+    return net
+
+
+@pytest.mark.parametrize("variant", [0, 1])
+def test_patches_equal_dense_identity(variant, monkeypatch):
+    """Patches give the dense identity's bounds and gradients, for every method and both norms."""
+    import defenses.convex.bounds as bounds_module
+
+    net = odd_conv_net(variant, variant)
+    x = images(variant, 5, net.input_shape)
+    y = net(x).argmax(1)
+    layers = linearize(net)
+    shapes, _ = bounds_module._input_shapes(layers, x)
+    relus = [k for k, layer in enumerate(layers) if isinstance(layer, ReLU)]
+    assert all(bounds_module._patch_windows(layers, shapes, k) is not None for k in relus[1:-1])  # all but the FC's
+
+    def run(method, norm):
+        net.zero_grad()
+        bounds = margin_lower_bounds(net, x, y, norm=norm, eps=0.05 if norm == "linf" else 0.3, method=method)
+        bounds.sum().backward()
+        return bounds.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    cases = [(method, norm) for method in ("wong", "crown") for norm in ("linf", "l2")]
+    fast = {case: run(*case) for case in cases}
+    monkeypatch.setattr(bounds_module, "_patch_windows", lambda *args: None)
+    for case in cases:
+        bounds, grads = run(*case)
+        torch.testing.assert_close(fast[case][0], bounds, rtol=1e-10, atol=1e-10)
+        for fast_grad, grad in zip(fast[case][1], grads, strict=True):
+            torch.testing.assert_close(fast_grad, grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["wong", "crown"])
+def test_chunks_give_the_unchunked_bounds(method, monkeypatch):
+    """Splitting identity specifications into many chunks (positions for patches, rows for dense) changes nothing."""
+    import defenses.convex.bounds as bounds_module
+
+    for net, shape in ((wk_mnist_net(3, 12), (1, 12, 12)), (odd_conv_net(4, 0), (2, 13, 13))):
+        x = images(3, 3, shape)
+        y = net(x).argmax(1)
+        whole = margin_lower_bounds(net, x, y, norm="linf", eps=0.05, method=method)
+        monkeypatch.setattr(bounds_module, "CHUNK_BYTES", 1)  # one position / one row per chunk
+        chunked = margin_lower_bounds(net, x, y, norm="linf", eps=0.05, method=method)
+        monkeypatch.undo()
+        torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
