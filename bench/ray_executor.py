@@ -142,9 +142,10 @@ def _check_speed(cell: Cell, device: torch.device) -> None:
         raise ConfigError(f"{exc} (a Ray worker without a GPU got this cell: pass --gpus-per-task)") from None
 
 
-def _place_model(runner: Runner, name: str, payload: bytes | None) -> None:
-    """Write a model shipped through the object store into this worker's cache, unless it is there already."""
-    path = runner.cache.root / name
+def _store_model(root: Path, name: str, payload: bytes | None) -> None:
+    """Write a model file that came through the object store into the cache at `root` (atomically), unless it is
+    there already; used by workers (models shipped to them) and the driver (models trained on unshared workers)."""
+    path = root / name
     if payload is None or path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ def run_cell(options: WorkerOptions, key: str, cell: Cell, model_name: str,
     """Ray task: compute one cell (its model placed first); returns its key, records and info for the driver."""
     runner = _worker_runner(options)
     _check_speed(cell, runner.options.device)
-    _place_model(runner, model_name, model)
+    _store_model(runner.cache.root, model_name, model)
     runner.forget_defenses(keep=cell)
     records, info = runner.run_cell(cell, key)
     return key, records, finished_cell(cell, records, info)
@@ -333,7 +334,7 @@ def _collect(ray: Any, cells_of: dict[Any, tuple[str, Cell, Any]], training: dic
             for ref in finished:
                 try:
                     if ref in training:
-                        _keep_model(ray.get(ref), training[ref], cache)
+                        _store_model(cache.root, training[ref], ray.get(ref))  # later runs reuse it
                         continue
                     key, cell, _ = cells_of[ref]
                     _, records, info = ray.get(ref)
@@ -350,15 +351,6 @@ def _collect(ray: Any, cells_of: dict[Any, tuple[str, Cell, Any]], training: dic
     if first_error is not None:
         raise first_error
     return done
-
-
-def _keep_model(payload: bytes | None, name: str, cache: ModelCache) -> None:
-    """Copy a model trained on an unshared worker into the driver's cache, so later runs reuse it."""
-    path = cache.root / name
-    if payload is not None and not path.exists():
-        tmp = path.with_name(f"{name}.driver.tmp")
-        tmp.write_bytes(payload)
-        tmp.replace(path)
 
 
 def _unwrap(exc: BaseException) -> BaseException:

@@ -25,6 +25,8 @@ from bench.registry import DATASETS
 from defenses.convex.bounds import METHODS, margin_lower_bounds
 from defenses.convex.defense import WongKolter
 
+from timing import best_seconds
+
 BATCH = 50
 EPS = 0.1
 ROUNDS = 2
@@ -59,13 +61,7 @@ def _cpu_seconds(fn, threads: int) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        fn()
-        best = float("inf")
-        for _ in range(ROUNDS):
-            began = time.process_time()
-            fn()
-            best = min(best, time.process_time() - began)
-        return best
+        return best_seconds(fn, repeats=ROUNDS, clock=time.process_time)
     finally:
         torch.set_num_threads(previous)
 
