@@ -109,6 +109,8 @@ _RUNNERS: dict[WorkerOptions, Runner] = {}
 def _worker_runner(options: WorkerOptions) -> Runner:
     """This worker process's Runner (test data and the current model reused across its cells)."""
     if options not in _RUNNERS:
+        # One run at a time per worker: a long-lived cluster must not keep every earlier run's data and models.
+        _RUNNERS.clear()
         load_plugins(list(options.plugins))
         torch.set_num_threads(options.threads)
         shared = not options.ship_models and Path(options.results_dir, "models", options.probe).exists()
