@@ -153,6 +153,7 @@ class Runner:
                                     poll_seconds=options.poll_seconds, log=options.log, loader=options.loader)
         self._defenses: dict[str, tuple[Defense, dict[str, Any]]] = {}
         self._test_sets: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._certified_subsets: dict[tuple[str, int, int], torch.Tensor] = {}
 
     def test_examples(self, cell: Cell) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indices (n,), x (n, C, H, W), y (n,)) of the cell's fixed stratified test subset."""
@@ -172,9 +173,11 @@ class Runner:
         """
         if cell.attack != "none" or cell.certify_examples is None or cell.certify_examples >= len(indices):
             return None
-        test = load_split(cell.dataset, "test", resolve_data_root(self.options.data_root), self.options.download)
-        chosen = select_examples(test, cell.certify_examples, cell.seed)
-        return torch.isin(indices, chosen)
+        key = (cell.dataset, cell.certify_examples, cell.seed)
+        if key not in self._certified_subsets:  # every clean cell of a dataset shares it: read the split once
+            test = load_split(cell.dataset, "test", resolve_data_root(self.options.data_root), self.options.download)
+            self._certified_subsets[key] = select_examples(test, cell.certify_examples, cell.seed)
+        return torch.isin(indices, self._certified_subsets[key])
 
     def defense(self, cell: Cell) -> tuple[Defense, dict[str, Any]]:
         """The trained defense of a cell (trained once, cached as safetensors) and its training info."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 from dataset_files import write_mnist
 
+import bench.runner
 from bench.cli import main
 from bench.config import parse_profile
 from bench.data import load_split, select_examples
@@ -69,3 +70,26 @@ def test_clean_cell_predicts_all_and_certifies_the_nested_subset(tmp_path, capsy
     row = accuracy[accuracy["defense"] == "pixeldp"]
     assert set(row["n"]) == {12, 6}
     assert "6-12" in (run_dir / "accuracy_under_attack.md").read_text()
+
+
+def test_the_certify_subset_is_read_once_for_all_clean_cells(tmp_path, capsys, monkeypatch):
+    """Two certified defenses share one certify subset: the test split is read for the 12-example clean cells, the
+    6-example attack cell and, once, for the certify subset, not again for every clean cell that certifies."""
+    reads: list[str] = []
+
+    def counting_load_split(dataset, split, *args, **kwargs):
+        reads.append(split)
+        return load_split(dataset, split, *args, **kwargs)
+
+    monkeypatch.setattr(bench.runner, "load_split", counting_load_split)
+    data = tmp_path / "data"
+    write_mnist(data, classes=range(4), per_class=4)
+    second = '\n[defenses."pixeldp_L0.3"]\ndefense = "pixeldp"\nparams = { arch = "cnn_small", steps = 2, L = 0.3, ' \
+             'draws_certify = 40, draws_predict = 5, draws_attack = 5 }\n'
+    (tmp_path / "ce.toml").write_text(PROFILE + second)
+    code = main(["run", str(tmp_path / "ce.toml"), "--data-root", str(data), "--results", str(tmp_path / "res"),
+                 "--quiet", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    cells = Store(tmp_path / "res" / "store.sqlite").all_cells()
+    assert sum(c.attack == "none" and c.certify_examples == 6 for _, c, _ in cells) == 2
+    assert reads.count("test") == 3
