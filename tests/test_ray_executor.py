@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,6 +65,18 @@ params = { steps = 3, draws = 3 }
 CELLS = 5  # 2 clean cells, pgd_linf and faulty_pgd on the undefended model, PGD-EOT on PixelDP
 
 ray = pytest.importorskip("ray")  # in the test extra (tox); a plain install without [ray] skips
+
+
+@pytest.fixture(autouse=True)
+def private_tmpdir(monkeypatch):
+    """Each test's runs get their own short TMPDIR: workers that cannot see the results folder keep models under
+    $TMPDIR/pixeldp-bench-ray, and a model left there by another run (another test, or a run on other CPU kernels
+    with the same cache key) would otherwise be loaded instead of trained. Short, because Ray puts its sockets
+    there too (a Unix socket path has at most 107 characters)."""
+    path = tempfile.mkdtemp(prefix="raytest-")
+    monkeypatch.setenv("TMPDIR", path)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _environment(**extra: str) -> dict[str, str]:
@@ -129,7 +143,7 @@ def test_one_worker_gives_the_local_records(profile, local_records, tmp_path):
 
 
 @pytest.mark.slow
-def test_models_through_the_object_store(profile, local_records, tmp_path):
+def test_models_through_the_object_store(profile, local_records, tmp_path, private_tmpdir):
     """--ray-ship-models: workers train into their own cache and models travel as bytes; the driver keeps a copy."""
     first = tmp_path / "first"
     done = _run(profile, first, "--executor", "ray", "--ray-workers", "1", "--ray-ship-models", quiet=False)
@@ -137,6 +151,8 @@ def test_models_through_the_object_store(profile, local_records, tmp_path):
     assert _records(first) == local_records
     models = sorted(p.name for p in (first / "models").glob("*.safetensors"))
     assert len(models) == 2  # both trained models came back to the driver's cache
+    worker_cache = private_tmpdir / "pixeldp-bench-ray" / "models"
+    assert sorted(p.name for p in worker_cache.glob("*.safetensors")) == models  # trained in this test's TMPDIR
     # A second folder seeded with those files trains nothing: the driver ships them from its cache.
     second = tmp_path / "second"
     (second / "models").mkdir(parents=True)
