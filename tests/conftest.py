@@ -1,6 +1,9 @@
 """Shared fixtures: tiny models, synthetic data, and a quickly trained CNN on the embedded MNIST."""
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,6 +28,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def same_global_rng():
+    """Every test starts from the same global RNG state, whatever ran before it in its xdist worker."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
 
 
 class TinyLinear(nn.Module):
@@ -62,7 +73,11 @@ def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
 def trained_cnn() -> nn.Module:
     """cnn_small trained for 300 steps on mnist5k (~97% clean accuracy), eval mode."""
     defense = Undefended(DATASETS.get("mnist5k"), arch="cnn_small", steps=300, batch_size=64, lr=1e-3)
-    model = defense.build_model()
+    # Session fixtures are built before the autouse seeding: seed the initial weights here, or they would
+    # depend on which tests the xdist worker ran first.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = defense.build_model()
     fit(defense, model, load_split("mnist5k", "train"), steps=300, seed=0, device=torch.device("cpu"),
         progress=False)
     return model.eval()

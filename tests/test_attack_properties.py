@@ -19,12 +19,13 @@ SMALL = {"linf": 0.1, "l2": 1.0, "l1": 5.0}
 EXAMPLES = 8
 # Cheap settings, applied only where the attack accepts the hyperparameter.
 FAST = {"steps": 10, "binary_steps": 4, "draws": 3, "lr": 0.1, "c": 1.0, "restarts": 1}
+# Square keeps its default 5000 queries: at 1000, CI's fixture CNN (trained on another CPU's kernels)
+# kept 3 of 8 digits at L2 eps 3; over 16 fixture seeds here 1000 queries left up to 2, 5000 up to 1.
 # ART's original CW L-inf loops over examples, constants and taus: keep its loops tiny; like every
 # tanh-box attack with few steps on MNIST's saturated 0/1 pixels it needs a large c and lr to move.
 SPECIFIC = {"cw_linf@art": {"steps": 10, "c": 10.0, "largest_c": 20.0, "decrease_factor": 0.5},
             "cw_l2": {"steps": 40, "binary_steps": 3}, "cw_l2_eot": {"steps": 40, "binary_steps": 3},
             "cw_l2_paper": {"steps": 40, "binary_steps": 3},
-            "square_linf@torchattacks": {"queries": 300}, "square_l2@torchattacks": {"queries": 1000},
             "cw_l2@torchattacks": {"steps": 40, "c": 10.0}, "cw_l2@art": {"steps": 20, "binary_steps": 2, "c": 10.0}}
 # AutoAttack runs FAB and a 5000-query Square on whatever APGD leaves robust: check its ball at the
 # large budget, where APGD leaves nothing.

@@ -67,16 +67,33 @@ def test_our_cw_l2_is_no_larger_than_the_libraries(trained_cnn, mnist_test):
         assert ours <= 1.02 * rows[name]["median"], rows
 
 
+def one_sided_sign_p(wins: int, losses: int) -> float:
+    """P(at least `wins` of wins + losses fair coin flips land on one side): the exact sign test's p-value."""
+    n = wins + losses
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2 ** n
+
+
+def broken_by(model, x, y, norm: str, eps: float, name: str) -> torch.Tensor:
+    """(N,) bool: the examples `name` misclassifies after PGD_STEPS steps at eps."""
+    x_adv = ATTACKS.get(name)(model, x, y, threat=ThreatModel(norm, eps), steps=PGD_STEPS,
+                              generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(x_adv).argmax(1) != y
+
+
 @pytest.mark.slow
 def test_our_pgd_is_at_least_as_strong_as_the_libraries(trained_cnn, mnist_test):
+    """On 200 digits our PGD is not significantly weaker than either library's: a paired exact sign test on the
+    digits that only one of the two breaks. The random starts differ between implementations, so a few digits
+    go either way (over 8 fixture seeds at most 4 against 0); a broken PGD loses by dozens."""
     x, y = mnist_test
-    rows = pgd_table(trained_cnn, x[:50], y[:50], steps=PGD_STEPS)
-    for _, names in PGD.values():
-        ours = rows[names[0]]["accuracy"]
+    for norm, (eps, names) in PGD.items():
+        ours = broken_by(trained_cnn, x, y, norm, eps, names[0])
+        assert 0.3 < float(ours.float().mean()) < 1.0, (norm, float(ours.float().mean()))
         for name in names[1:]:
-            # Two examples of slack: the random starts differ between implementations (on 100
-            # examples the three agree within one example at 10 and 20 steps, either way round).
-            assert ours <= rows[name]["accuracy"] + 2 / 50, rows
+            theirs = broken_by(trained_cnn, x, y, norm, eps, name)
+            only_theirs, only_ours = int((theirs & ~ours).sum()), int((ours & ~theirs).sum())
+            assert one_sided_sign_p(only_theirs, only_ours) >= 1e-3, (name, only_theirs, only_ours)
 
 
 def main(examples: int = 50) -> None:
@@ -89,6 +106,7 @@ def main(examples: int = 50) -> None:
     load_builtins()
     torch.set_num_threads(1)
     defense = Undefended(DATASETS.get("mnist5k"), arch="cnn_small", steps=300, batch_size=64, lr=1e-3)
+    torch.manual_seed(0)
     model = defense.build_model()
     fit(defense, model, load_split("mnist5k", "train"), steps=300, seed=0, device=torch.device("cpu"), progress=False)
     model.eval()
