@@ -166,8 +166,8 @@ def _square(norm: str):
     return square
 
 
-register_attack("autoattack@torchattacks", _autoattack("linf"), norm="linf")
-register_attack("autoattack_l2@torchattacks", _autoattack("l2"), norm="l2")
+register_attack("autoattack@torchattacks", _autoattack("linf"), norm="linf", strong=True, ensemble=True)
+register_attack("autoattack_l2@torchattacks", _autoattack("l2"), norm="l2", strong=True, ensemble=True)
 register_attack("square_linf@torchattacks", _square("linf"), norm="linf", idle=("queries",), gradient_free=True)
 register_attack("square_l2@torchattacks", _square("l2"), norm="l2", idle=("queries",), gradient_free=True)
 

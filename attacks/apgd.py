@@ -208,5 +208,5 @@ def _objective(loss: str, targets: torch.Tensor | None):
     return lambda logits, labels, rows: dlr_loss(logits, labels)
 
 
-apgd_linf = register_attack("apgd_linf", auto_pgd, norm="linf")
-apgd_l2 = register_attack("apgd_l2", auto_pgd, norm="l2")
+apgd_linf = register_attack("apgd_linf", auto_pgd, norm="linf", strong=True)
+apgd_l2 = register_attack("apgd_l2", auto_pgd, norm="l2", strong=True)

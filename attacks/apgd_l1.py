@@ -140,7 +140,7 @@ def _l1_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Ten
     return result.detach(), found
 
 
-@register_attack("apgd_l1", norm="l1")
+@register_attack("apgd_l1", norm="l1", strong=True)
 def apgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel, steps: int = 100,
             loss: str = "ce", restarts: int = 1, target_classes: int = 9, random_start: bool = True,
             large_eps_schedule: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.losses import logit_margin
+from bench.checks_worst_case import check_weak_worst_case
 from bench.defense import certified_norm
 from bench.registry import ATTACKS, DEFENSES
 from bench.tables import correctness_columns
@@ -271,4 +272,5 @@ def run_checks(cells: CellRecords, l_attack: dict[str, list[float]],
     return (check_monotone(cells, l_attack) + check_undefended_broken(cells, l_attack)
             + check_unbounded_failures(cells, infos) + check_zero_gradients(cells, infos)
             + check_randomized_without_eot(cells, infos) + check_certified_vs_attack(cells, l_attack)
-            + check_huge_eps(cells, l_attack) + check_gradient_free_wins(cells, l_attack, infos))
+            + check_huge_eps(cells, l_attack) + check_gradient_free_wins(cells, l_attack, infos)
+            + check_weak_worst_case(cells, l_attack, infos))

@@ -30,6 +30,10 @@ class AttackInfo:
         randomized_only: it only makes sense against randomized defenses.
         gradient_free: it uses no gradients (e.g. Square): a masking check compares it with white-box attacks.
         preset_of: the attack this one is a preset of (same code, other defaults), if any.
+        strong: a reliable fixed-budget attack a worst case must contain (APGD, AutoAttack or an
+            equivalent; Croce & Hein 2020): the weak-worst-case check looks for it in every column.
+        ensemble: it runs several losses itself (AutoAttack: APGD-CE, APGD-T, FAB-T, Square), so it
+            also stands for the targeted / DLR variant a worst case needs beside CE.
     """
 
     norm: str
@@ -38,6 +42,8 @@ class AttackInfo:
     randomized_only: bool = False
     gradient_free: bool = False
     preset_of: str | None = None
+    strong: bool = False
+    ensemble: bool = False
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:

@@ -6,8 +6,6 @@ are the same LP relaxation's dual, so the bounds agree to rounding and the certi
 """
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from torch import nn
@@ -17,20 +15,9 @@ from bench.registry import DATASETS
 from defenses.convex.bounds import margin_lower_bounds
 from defenses.convex.defense import WongKolter
 
-convex_adversarial = pytest.importorskip("convex_adversarial")
+from convex_reference import original_margins, plain_sequential
 
-
-def plain_sequential(model: nn.Module) -> nn.Sequential:
-    """The classifier's layers as the flat Sequential convex_adversarial reads (single-channel Normalize is 1)."""
-    return nn.Sequential(*[m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear | nn.ReLU | nn.Flatten)])
-
-
-def original_margins(sequential: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
-    """(N, K) convex_adversarial's lower bounds of z_y - z_j (its RobustBounds returns their negatives)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its torch 0.4-era code warns about Variable and reductions
-        with torch.no_grad():
-            return -convex_adversarial.RobustBounds(sequential, eps, bounded_input=True)(x, y)
+pytest.importorskip("convex_adversarial")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ step are timed in the same run on the same weights, and ours must not be slower.
 from __future__ import annotations
 
 import time
-import warnings
 
 import pytest
 import torch
@@ -28,12 +27,8 @@ from bench.registry import DATASETS
 from defenses.convex.bounds import METHODS, margin_lower_bounds
 from defenses.convex.defense import WongKolter
 
+from convex_reference import convex_adversarial, original_margins, original_training_step, plain_sequential
 from timing import best_seconds
-
-try:
-    import convex_adversarial
-except ImportError:  # the original is optional here: the absolute target still applies
-    convex_adversarial = None
 
 BATCH = 50
 EPS = 0.1
@@ -79,25 +74,6 @@ def _bounds(model, x, y, method):
         return margin_lower_bounds(model, x, y, norm="linf", eps=EPS, method=method)
 
 
-def _original_net(model):
-    """The same weights as the flat Sequential convex_adversarial reads (single-channel Normalize is 1)."""
-    kinds = torch.nn.Conv2d | torch.nn.Linear | torch.nn.ReLU | torch.nn.Flatten
-    return torch.nn.Sequential(*[m for m in model.modules() if isinstance(m, kinds)])
-
-
-def _original_bounds(net, x, y):
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        return convex_adversarial.RobustBounds(net, EPS, bounded_input=True)(x, y)
-
-
-def _original_step(net, x, y):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        net.zero_grad()
-        convex_adversarial.robust_loss(net, EPS, x, y, bounded_input=True)[0].backward()
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_certify_cpu_seconds_per_image(benchmark, setup, threads, monkeypatch):
     if benchmark.disabled:
@@ -114,8 +90,8 @@ def test_certify_cpu_seconds_per_image(benchmark, setup, threads, monkeypatch):
     figures["wong_speedup_over_dense_identity"] = (figures["wong_dense_identity_cpu_s_per_image"]
                                                    / figures["wong_cpu_s_per_image"])
     if convex_adversarial is not None:
-        net = _original_net(model)
-        figures["original_cpu_s_per_image"] = _cpu_seconds(lambda: _original_bounds(net, x, y), threads) / BATCH
+        net = plain_sequential(model)
+        figures["original_cpu_s_per_image"] = _cpu_seconds(lambda: original_margins(net, x, y, EPS), threads) / BATCH
         figures["wong_speedup_over_original"] = figures["original_cpu_s_per_image"] / figures["wong_cpu_s_per_image"]
     benchmark.pedantic(_bounds, args=(model, x, y, "wong"), rounds=1, iterations=1)
     benchmark.extra_info.update(figures)
@@ -143,8 +119,8 @@ def test_certified_training_step(benchmark, setup):
     figures = {"forward_ops": forward.ops, "backward_ops": backward.ops,
                "cpu_s_per_step_1_thread": _cpu_seconds(step, 1), "cpu_s_per_step_2_threads": _cpu_seconds(step, 2)}
     if convex_adversarial is not None:
-        net = _original_net(model)
-        figures["original_cpu_s_per_step_1_thread"] = _cpu_seconds(lambda: _original_step(net, x, y), 1,
+        net = plain_sequential(model)
+        figures["original_cpu_s_per_step_1_thread"] = _cpu_seconds(lambda: original_training_step(net, x, y, EPS), 1,
                                                                        rounds=1)  # ~40 s a step
         figures["speedup_over_original_1_thread"] = (figures["original_cpu_s_per_step_1_thread"]
                                                      / figures["cpu_s_per_step_1_thread"])
