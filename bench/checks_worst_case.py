@@ -1,4 +1,4 @@
-"""The weak-worst-case check: every worst-case column needs a strong attack, EOT with enough draws, and consistent curves.
+"""Weak-worst-case check: each worst-case column needs a strong attack, EOT with enough draws, consistent curves.
 
 A defense's number is only as good as the strongest attack in its worst case. This check reads
 the registry's metadata (`strong`, `ensemble`, `eot`, `minimum_norm`) and the cells' resolved
@@ -89,7 +89,8 @@ def _budgets(found: dict[tuple, list[str]]) -> list[str]:
     grouped: dict[tuple, list[str]] = defaultdict(list)
     for (dataset, defense, norm, eps), labels in sorted(found.items()):
         grouped[(dataset, defense, norm)].append(f"{eps:g} ({', '.join(labels)})")
-    return [f"{dataset}/{defense} {norm} at eps " + "; ".join(parts) for (dataset, defense, norm), parts in grouped.items()]
+    return [f"{dataset}/{defense} {norm} at eps " + "; ".join(parts)
+            for (dataset, defense, norm), parts in grouped.items()]
 
 
 def _fixed_vs_minimum_norm(slot: tuple, columns: list[_Column]) -> list[str]:

@@ -26,6 +26,7 @@ from bench.store import Store, StoreError
 from bench.subbatch import SubBatchMemoryError
 from bench.training import LoaderOptions
 from bench.table_registry import tables
+from bench.zoo import describe as describe_zoo
 
 __all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
 
@@ -216,6 +217,9 @@ def load_run_plugins(store: Store, run_id: str) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if getattr(args, "zoo", False):
+        print(describe_zoo(getattr(args, "weights_root", None)), end="")
+        return 0
     if getattr(args, "models", False):
         from bench.archs import describe_models
 
@@ -327,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="seed for training, example selection and noise")
     run.add_argument("--results", help="results folder (default: $PIXELDP_BENCH_RESULTS or <repo>/results)")
     run.add_argument("--data-root", help="dataset folder (default: $PIXELDP_BENCH_DATA or <repo>/datasets)")
-    run.add_argument("--download", action="store_true", help="let torchvision download missing datasets")
+    run.add_argument("--download", action="store_true", help="download missing datasets (torchvision) and zoo "
+                     "weights (the authors' URLs, into ~/.cache/pixeldp-bench/zoo; SHA-256 verified)")
+    run.add_argument("--weights-root", metavar="DIR", help="folder holding zoo weight files (weights = \"zoo:NAME\"; "
+                     "default: $PIXELDP_BENCH_WEIGHTS, then the download cache)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument("--batch-size", type=int, help="examples per attack batch (replaces a number in run.batch_size; "
                      "per-dataset and per-attack batch sizes still win; on CUDA fewer when memory asks)")
@@ -362,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     lst = sub.add_parser("list", help="list registered datasets, defenses, attacks and profiles")
     lst.add_argument("--models", action="store_true", help="list architectures with their parameter counts")
+    lst.add_argument("--zoo", action="store_true", help="list the zoo's published checkpoints, their published "
+                     "numbers and whether their files are found")
+    lst.add_argument("--weights-root", metavar="DIR", help="with --zoo: the folder to look in (as for run)")
     lst.set_defaults(func=cmd_list)
     rep = sub.add_parser("report", help="re-render a run's tables from the results store")
     rep.add_argument("run", help="run id (folder name under the results folder) or a run folder path")

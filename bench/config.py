@@ -119,6 +119,12 @@ def _check_attack_params(name: str, params: dict[str, Any], where: str) -> None:
 def _resolved_defense_params(name: str, dataset: str, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Construct the defense once (cheap: no training) so that bad parameters fail before running, and
     return its parameters with every default applied (what the cell key hashes)."""
+    from bench.zoo import expand  # late: bench.zoo imports bench.weights, which imports this module
+
+    try:
+        params = expand(params, dataset)  # weights = "zoo:NAME" brings its network and pinned SHA-256
+    except ConfigError as exc:
+        raise type(exc)(f"{where} on {dataset}: {exc}") from None
     problems = check_types(params, defense_defaults(name), f"defense {name!r} in {where}")
     if problems:
         raise ConfigError(problems[0])

@@ -13,6 +13,7 @@ from bench.data import DatasetError, data_root, load_split, select_examples
 from bench.registry import DATASETS, DEFENSES
 from bench.types import Cell
 from bench.weights import WeightsError, file_sha256, resolve_path
+from bench.zoo import locate_profile
 
 __all__ = ["check_inputs", "resolve_weights"]
 
@@ -66,13 +67,16 @@ def _check_defense(cell: Cell) -> bool:
 
 
 def check_inputs(profile: Profile, args: argparse.Namespace) -> Profile:
-    """Resolve weight paths against the profile's folder, then check every defense and dataset split the
-    profile needs (test always, train only where a defense trains); returns the profile with resolved cells.
+    """Locate zoo weights (bench.zoo) and resolve weight paths against the profile's folder, then check every
+    defense and dataset split the profile needs (test always, train only where a defense trains); returns the
+    profile with resolved cells.
 
     Called by `run` right after the profile is read: a problem is one ConfigError / DatasetError line
     before any cell is registered or any run folder created.
     """
     base = profile_folder(args.profile)
+    # Zoo weights ("zoo:NAME"): --weights-root, $PIXELDP_BENCH_WEIGHTS, the cache, or --download; hash verified.
+    profile = locate_profile(profile, getattr(args, "weights_root", None), bool(getattr(args, "download", False)))
     resolved: dict[str, dict[str, Any]] = {}
     cells = []
     for cell in profile.cells:

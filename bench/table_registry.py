@@ -18,6 +18,7 @@ from bench.tables_certified import (CERTIFIED_CAPTION, DEFAULT_ROBUST_THRESHOLDS
                                     certified_frame, certified_pivot, clean_cells, is_certified, robust_flags,
                                     robust_frame, robust_pivot)
 from bench.tables_overhead import overhead_caption, overhead_frame, overhead_pivot
+from bench.tables_published import PUBLISHED_CAPTION, published_frame, published_pivot
 from bench.types import Cell, Record
 
 __all__ = ["RunData", "Table", "TABLES", "tables", "build_frames"]
@@ -122,6 +123,11 @@ TABLES.register("certified", Table(
     build=lambda run: certified_frame(run.cells, run.settings.get("thresholds", [])),
     pivot=lambda long, frames, run: certified_pivot(long),
     caption=lambda run: CERTIFIED_CAPTION, outcomes=_certified_outcomes, compare_label="certified accuracy"))
+TABLES.register("published", Table(
+    stem="published_vs_measured", order=25,
+    build=lambda run: published_frame(run.cells),
+    pivot=lambda long, frames, run: published_pivot(long),
+    caption=lambda run: PUBLISHED_CAPTION, heading="Published vs measured (zoo checkpoints), error %"))
 TABLES.register("robust", Table(
     stem="robust_precision_recall", order=30,
     build=lambda run: robust_frame(run.cells, run.l_attack, tuple(run.robust_thresholds)),

@@ -108,8 +108,8 @@ def test_console_script_and_module_entry_points(tmp_path):
 HELP = {
     None: ["run", "list", "report", "compare", "baseline"],
     "run": ["profile", "--examples", "--max-steps", "--max-draws", "--seed", "--results", "--data-root", "--download",
-            "--device", "--batch-size", "--quiet", "--dry-run", "--checkpoint-every", "--threads"],
-    "list": ["--models"],
+            "--device", "--batch-size", "--quiet", "--dry-run", "--checkpoint-every", "--threads", "--weights-root"],
+    "list": ["--models", "--zoo", "--weights-root"],
     "report": ["run", "--results", "--robust-thresholds"],
     "compare": ["base", "new", "--results", "--tolerance", "--alpha", "--correction", "--robust-thresholds", "--all",
                 "--out"],

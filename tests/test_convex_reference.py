@@ -43,6 +43,23 @@ def test_wong_equals_the_original_in_float64(mnist_net, eps):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-9 * float(theirs.abs().max()))
 
 
+@pytest.mark.parametrize("eps", [0.02, 0.1])
+def test_wong_on_the_plain_ball_equals_the_original_unbounded_input(mnist_net, eps):
+    """input box off: the plain L-inf ball of Wong & Kolter's published errors (their bounded_input=False),
+    which the box's bound dominates (a subset can only certify more), strictly on pixels near 0 or 1."""
+    model, x, y = mnist_net
+    model, x = model.double(), x.double()
+    try:
+        plain = margin_lower_bounds(model, x, y, norm="linf", eps=eps, method="wong", box=False)
+        boxed = margin_lower_bounds(model, x, y, norm="linf", eps=eps, method="wong")
+        theirs = original_margins(plain_sequential(model), x, y, eps, bounded_input=False)
+    finally:
+        model.float()
+    torch.testing.assert_close(plain, theirs, rtol=0, atol=1e-9 * float(theirs.abs().max()))
+    off_diagonal = torch.ones_like(plain, dtype=torch.bool).scatter(1, y[:, None], False)
+    assert bool((boxed >= plain - 1e-12).all()) and bool((boxed > plain + 1e-6)[off_diagonal].all())
+
+
 def test_wong_certificates_equal_the_original_on_a_scaled_net(mnist_net):
     """float32 as certification runs; a bias towards class 1 sized so that some digits certify and some do not."""
     model, x, y = mnist_net

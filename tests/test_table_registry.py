@@ -121,4 +121,4 @@ def test_a_registered_table_appears_in_the_report_and_compare(toy_registered, tm
 
 def test_built_in_tables_in_report_order():
     assert [TABLES.get(n).stem for n in sorted(TABLES.names(), key=lambda n: TABLES.get(n).order)] == [
-        "accuracy_under_attack", "certified_accuracy", "robust_precision_recall", "overhead"]
+        "accuracy_under_attack", "certified_accuracy", "published_vs_measured", "robust_precision_recall", "overhead"]

@@ -259,22 +259,25 @@ def linearize(model: nn.Module) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
-# The input set: L-inf ball intersected with the [0,1] box, or an L2 ball.
+# The input set: L-inf ball intersected with the [0,1] box (or not), or an L2 ball.
 # ---------------------------------------------------------------------------------------------
 
 class InputSet:
-    """{x' : ||x' - x|| <= eps} (intersected with [0,1] for L-inf), per-example eps (N,).
+    """{x' : ||x' - x|| <= eps} (intersected with [0,1] for L-inf when `box`), per-example eps (N,).
 
-    For L2 the box is dropped (a superset, so the bounds stay sound).
+    For L2 the box is dropped (a superset, so the bounds stay sound). `box=False` keeps the plain
+    L-inf ball, the set of Wong & Kolter's published robust errors (their `bounded_input=False`).
     """
 
-    def __init__(self, x: torch.Tensor, norm: str, eps: torch.Tensor):
+    def __init__(self, x: torch.Tensor, norm: str, eps: torch.Tensor, box: bool = True):
         if norm not in ("linf", "l2"):
             raise BoundError(f"unknown norm {norm!r}; use 'linf' or 'l2'")
         self.x, self.norm, self.eps = x, norm, eps
         view = eps.view(-1, *([1] * (x.dim() - 1)))
         if norm == "linf":
-            low, high = (x - view).clamp_min(0.0), (x + view).clamp_max(1.0)
+            low, high = x - view, x + view
+            if box:
+                low, high = low.clamp_min(0.0), high.clamp_max(1.0)
             self.mid, self.rad = (low + high) / 2, (high - low) / 2
 
 
@@ -637,12 +640,12 @@ def _input_shapes(layers: list, x: torch.Tensor) -> tuple[list, torch.Tensor]:
 
 
 @exact_float32()
-def intermediate_bounds(layers: list, x: torch.Tensor, *, norm: str, eps, method: str):
+def intermediate_bounds(layers: list, x: torch.Tensor, *, norm: str, eps, method: str, box: bool = True):
     """Pre-activation bounds {ReLU index: (l, u)} of `method` and the per-layer input shapes.
 
     Wong / CROWN compute them layer by layer with the same relaxation (the first ReLU's inputs,
     after at most one dense layer, come exactly from interval arithmetic); IBP and CROWN-IBP use
-    interval bounds.
+    interval bounds. `box` intersects an L-inf ball with [0, 1] (InputSet).
     """
     if method not in METHODS:
         raise BoundError(f"unknown bound method {method!r}; use one of {METHODS}")
@@ -650,7 +653,7 @@ def intermediate_bounds(layers: list, x: torch.Tensor, *, norm: str, eps, method
     eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(x.shape[0]).contiguous()
     if not bool((eps >= 0).all()):
         raise BoundError("eps must be non-negative")
-    inputs = InputSet(x, norm, eps)
+    inputs = InputSet(x, norm, eps, box)
     shapes, _ = _input_shapes(layers, x)
     interval_pre, _ = interval_bounds(layers, inputs)
     if method in ("ibp", "crown_ibp"):
@@ -669,23 +672,25 @@ def intermediate_bounds(layers: list, x: torch.Tensor, *, norm: str, eps, method
 
 @exact_float32()
 def spec_lower_bounds(model_or_layers, x: torch.Tensor, spec: torch.Tensor, *, norm: str, eps,
-                      method: str = "crown") -> torch.Tensor:
+                      method: str = "crown", box: bool = True) -> torch.Tensor:
     """Lower bounds of spec @ logits over the threat ball around each x.
 
     Args:
         model_or_layers: a sequential ReLU network ([0,1] images -> logits) or its `linearize` list.
         x: centers (N, C, H, W), float32 or float64.
         spec: specification matrices (N, S, K); row s bounds sum_k spec[n, s, k] * logit_k.
-        norm: 'linf' (ball intersected with [0,1]) or 'l2'.
+        norm: 'linf' (the ball, intersected with [0,1] when `box`) or 'l2'.
         eps: a radius, or per-example radii (N,).
         method: 'ibp', 'wong' (Wong & Kolter 2018 dual = Fast-Lin), 'crown' (Zhang et al. 2018),
             or 'crown_ibp' (Zhang et al. 2020: IBP intermediate bounds, one CROWN pass).
+        box: intersect an L-inf ball with the [0,1] pixel box (False: the plain ball, which Wong &
+            Kolter 2018 report; it contains the box's set, so it certifies at most as much).
 
     Returns:
         (N, S) lower bounds, differentiable in the model's parameters.
     """
     layers = model_or_layers if isinstance(model_or_layers, list) else linearize(model_or_layers)
-    pre, shapes, inputs = intermediate_bounds(layers, x, norm=norm, eps=eps, method=method)
+    pre, shapes, inputs = intermediate_bounds(layers, x, norm=norm, eps=eps, method=method, box=box)
     spec = spec.to(x.dtype)
     if method == "ibp":
         relus = [i for i, layer in enumerate(layers) if isinstance(layer, ReLU)]
@@ -704,19 +709,23 @@ def margin_spec(y: torch.Tensor, classes: int, dtype: torch.dtype = torch.float3
 
 
 def margin_lower_bounds(model_or_layers, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps,
-                        method: str = "crown", classes: int | None = None) -> torch.Tensor:
-    """(N, K) lower bounds J of z_y - z_j over the ball (J[:, y] = 0); certified iff J_j > 0 for j != y."""
+                        method: str = "crown", classes: int | None = None, box: bool = True) -> torch.Tensor:
+    """(N, K) lower bounds J of z_y - z_j over the ball (J[:, y] = 0); certified iff J_j > 0 for j != y.
+
+    `box` as in `spec_lower_bounds`: False bounds the plain L-inf ball (Wong & Kolter 2018's published set).
+    """
     layers = model_or_layers if isinstance(model_or_layers, list) else linearize(model_or_layers)
     if classes is None:
         _, logits = _input_shapes(layers, x)
         classes = logits.shape[1]
-    return spec_lower_bounds(layers, x, margin_spec(y, classes, x.dtype), norm=norm, eps=eps, method=method)
+    return spec_lower_bounds(layers, x, margin_spec(y, classes, x.dtype), norm=norm, eps=eps, method=method,
+                             box=box)
 
 
 def certified(model_or_layers, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps,
-              method: str = "crown") -> torch.Tensor:
-    """(N,) bool: every margin z_y - z_j (j != y) is provably positive over the ball."""
+              method: str = "crown", box: bool = True) -> torch.Tensor:
+    """(N,) bool: every margin z_y - z_j (j != y) is provably positive over the ball (and box, if `box`)."""
     with torch.no_grad():
-        bounds = margin_lower_bounds(model_or_layers, x, y, norm=norm, eps=eps, method=method)
+        bounds = margin_lower_bounds(model_or_layers, x, y, norm=norm, eps=eps, method=method, box=box)
         bounds = bounds.scatter(1, y[:, None], float("inf"))
         return (bounds > 0).all(dim=1)

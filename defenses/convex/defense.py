@@ -34,6 +34,9 @@ class WongKolter(Defense):
         radius_max: largest radius `certify` searches (default 2 * eps).
         bisection_steps: bisection iterations per certified radius (resolution radius_max / 2**steps).
         arch: a registered architecture (default the Wong-Kolter small net 'wk_small').
+        input_box: intersect an L-inf ball with the [0,1] pixel box (True, the harness's threat model);
+            False bounds (trains and certifies) the plain ball, as Wong & Kolter's published robust
+            errors do (5.82% vs 5.64% with the box for their released MNIST model at eps 0.1).
         **train: TrainConfig fields (steps, batch_size, lr, ...).
     """
 
@@ -45,7 +48,7 @@ class WongKolter(Defense):
     def __init__(self, spec: DatasetSpec, *, norm: str = "linf", eps: float = 0.1, bound: str = "wong",
                  certify_bound: str | None = None, eps_start: float = 0.001, ramp: float = 1 / 3,
                  radius_max: float | None = None, bisection_steps: int = 8, arch: str | None = None,
-                 **train: Any):
+                 input_box: bool = True, **train: Any):
         train.setdefault("batch_size", 50)
         super().__init__(spec, arch=arch or "wk_small", **train)
         if norm not in ("linf", "l2"):
@@ -60,6 +63,7 @@ class WongKolter(Defense):
         self.eps_start, self.ramp = float(eps_start), float(ramp)
         self.radius_max = float(radius_max) if radius_max is not None else 2 * self.eps
         self.bisection_steps = int(bisection_steps)
+        self.input_box = bool(input_box)
 
     def check_model(self, model: nn.Module) -> None:
         """A model the bounds cannot propagate through (e.g. an unsupported layer) is refused before any cell runs."""
@@ -78,7 +82,8 @@ class WongKolter(Defense):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         """Robust cross-entropy CE(-J, y) at the ramped eps (Wong & Kolter 2018, Theorem 2)."""
-        bounds = margin_lower_bounds(model, x, y, norm=self.norm, eps=self.eps_at(step), method=self.bound)
+        bounds = margin_lower_bounds(model, x, y, norm=self.norm, eps=self.eps_at(step), method=self.bound,
+                                     box=self.input_box)
         return F.cross_entropy(-bounds, y)
 
     @torch.no_grad()
@@ -86,27 +91,27 @@ class WongKolter(Defense):
         """(pred (N,), certified (N,) bool) at radius `eps` (default the trained eps)."""
         pred = self.predict(x)
         flags = certified(self.model, x, pred, norm=self.norm, eps=self.eps if eps is None else eps,
-                          method=self.certify_bound)
+                          method=self.certify_bound, box=self.input_box)
         return pred, flags
 
     @torch.no_grad()
     def certify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pred (N,), radius (N,)): the largest radius (by per-example bisection) certified for pred.
 
-        The radius is a lower bound on the true robust radius: every point of the ball (L-inf
-        intersected with [0,1], or L2) of that radius is provably classified as pred. It is 0
-        when even the center's margin is not positive, and capped at `radius_max`.
+        The radius is a lower bound on the true robust radius: every point of the ball (L-inf,
+        intersected with [0,1] when `input_box`, or L2) of that radius is provably classified as pred.
+        It is 0 when even the center's margin is not positive, and capped at `radius_max`.
         """
         layers = linearize(self.attached_model())
         pred = self.predict(x)
         n = x.shape[0]
         low = torch.zeros(n, dtype=x.dtype, device=x.device)
         high = torch.full_like(low, self.radius_max)
-        top = certified(layers, x, pred, norm=self.norm, eps=high, method=self.certify_bound)
+        top = certified(layers, x, pred, norm=self.norm, eps=high, method=self.certify_bound, box=self.input_box)
         low = torch.where(top, high, low)
         for _ in range(self.bisection_steps):
             mid = (low + high) / 2
-            ok = certified(layers, x, pred, norm=self.norm, eps=mid, method=self.certify_bound)
+            ok = certified(layers, x, pred, norm=self.norm, eps=mid, method=self.certify_bound, box=self.input_box)
             # Certified examples raise their floor; the rest lower their ceiling (done ones stay).
             low = torch.where(ok & ~top, mid, low)
             high = torch.where(ok | top, high, mid)

@@ -1,4 +1,4 @@
-"""Wong-Kolter small and large conv nets (strided convs, no pooling) as bench ImageClassifiers."""
+"""Wong-Kolter small and large conv nets (strided convs, no pooling), and the net of their released models."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -72,3 +72,19 @@ def wk_large(shape: Sequence[int], classes: int, *, width: int = 32, hidden: int
         nn.Linear(hidden, classes),
     )
     return ImageClassifier(_normalize(channels), stem, body)
+
+
+def wong2018_net(channels: int = 1, size: int = 28, classes: int = 10) -> nn.Sequential:
+    """The network of Wong & Kolter's released models (ICML 2018): [0,1] images (N, C, size, size) -> logits.
+
+    Their examples/problems.py `mnist_model` (channels 1, size 28) and `svhn_model` (3, 32): conv 16
+    (4, s2, p1) -> conv 32 (4, s2, p1) -> FC 100 -> FC classes with ReLUs between, a bias in every
+    layer and no input normalization. Unlike `wk_small` (no stem bias; CIFAR statistics for three
+    channels) it loads their checkpoints as they are: the Sequential's indices are their keys
+    (0.*, 2.*, 5.*, 7.*; the Flatten sits at 4).
+    """
+    flat = 32 * _after_convs(size, 2) ** 2
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(flat, 100), nn.ReLU(), nn.Linear(100, classes))
