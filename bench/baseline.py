@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.atomic import write_text
 from bench.store import Store, StoreError
 from bench.types import Cell, Record
 
@@ -28,9 +29,7 @@ def export_run(store: Store, run_id: str, path: Path) -> Path:
         cells.append({"key": key, "config": cell.config(), "info": store.cell_info(key),
                       "records": {f: [getattr(r, f) for r in records] for f in RECORD_FIELDS}})
     payload = {"format": FORMAT, "run": store.run_info(run_id), "cells": cells}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, sort_keys=True, separators=(",", ":")) + "\n")
-    return path
+    return write_text(path, json.dumps(payload, sort_keys=True, separators=(",", ":")) + "\n")
 
 
 def load_export(path: Path) -> tuple[Store, str]:

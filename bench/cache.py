@@ -3,11 +3,13 @@
 Each file carries the SHA-256 of its tensors in its metadata; a file that fails to load or to
 verify is moved aside and retrained, never used. Training checkpoints (model, optimizer, step)
 live beside the models as `<model>.ckpt` files written with torch.save and read back with
-`weights_only=True` (no code runs on load).
+`weights_only=True` (no code runs on load). Both are written atomically (bench.atomic): a full
+disk is one OutputWriteError naming the file, and never leaves half a file in the cache.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 from pathlib import Path
@@ -15,16 +17,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
+from bench.atomic import write_bytes
 from bench.types import canonical_json
 
-__all__ = ["ModelCache", "CacheError", "tensors_sha256"]
-
-
-class CacheError(RuntimeError):
-    """A model or checkpoint cannot be written (disk full, permissions); the message names the file."""
+__all__ = ["ModelCache", "tensors_sha256"]
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -84,20 +84,13 @@ class ModelCache:
         self.log(f"cached model {path} is unusable ({reason}); moved to {aside.name} and retraining")
 
     def save(self, model: nn.Module, path: Path, config: dict[str, Any], stats: dict[str, Any]) -> None:
-        """Write the weights atomically (temp file + rename) with the config, training stats and checksum."""
-        tmp = path.with_suffix(".tmp")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tensors = _state_tensors(model)
-            save_file(tensors, str(tmp), metadata={"config": json.dumps(config, sort_keys=True, default=str),
-                                                   "stats": json.dumps(stats, sort_keys=True),
-                                                   "sha256": tensors_sha256(tensors)})
-            tmp.replace(path)
-        except (OSError, SafetensorError) as exc:
-            if tmp.is_file():
-                tmp.unlink()
-            raise CacheError(f"cannot save the trained model to {path} ({exc}); free disk space and re-run the "
-                             "same command (finished cells are kept)") from exc
+        """Write the weights atomically with the config, training stats and checksum."""
+        tensors = _state_tensors(model)
+        # Serialized in memory, so that only the atomic writer touches the disk (safetensors' own file
+        # errors are not OSErrors).
+        write_bytes(path, safetensors_bytes(tensors, metadata={
+            "config": json.dumps(config, sort_keys=True, default=str), "stats": json.dumps(stats, sort_keys=True),
+            "sha256": tensors_sha256(tensors)}))
 
     def metadata(self, path: Path) -> dict[str, Any]:
         """The training stats stored beside the weights."""
@@ -111,16 +104,10 @@ class ModelCache:
 
     def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         """Atomically write a training checkpoint for the model at `path`."""
-        target = self.checkpoint_path(path)
-        tmp = target.with_suffix(".ckpt-tmp")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            torch.save(state, tmp)
-            tmp.replace(target)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise CacheError(f"cannot save a training checkpoint to {target} ({exc}); free disk space and re-run "
-                             "the same command") from exc
+        # In memory first: torch.save reports a failed file write as a RuntimeError, not an OSError.
+        serialized = io.BytesIO()
+        torch.save(state, serialized)
+        write_bytes(self.checkpoint_path(path), serialized.getbuffer())
 
     def load_checkpoint(self, path: Path) -> dict[str, Any] | None:
         """The last checkpoint of the model at `path`, or None (a bad checkpoint is set aside)."""

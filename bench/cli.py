@@ -1,4 +1,4 @@
-"""Command-line interface: `pixeldp-bench run | list | report | compare | baseline` (also `python -m bench`)."""
+"""Command-line interface: `pixeldp-bench run | list | report | compare | baseline | store` (also `python -m bench`)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from bench.atomic import OutputWriteError, advice, write_text
 from bench.config import ConfigError, Profile, load_profile, shipped_profiles
 from bench.data import REPO_ROOT, DatasetError
 from bench.environment import environment
@@ -17,7 +18,6 @@ from bench.plugins import PluginError, load_plugins, loaded_plugins, run_plugins
 from bench.preflight import check_inputs
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError
 from bench.report import write_report
-from bench.cache import CacheError
 from attacks.template import AttackOutputError  # a (plugin) attack's own output check: a one-line error too
 from bench.ray_executor import RaySettings, check_settings, execute_ray, import_ray
 from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
@@ -31,7 +31,7 @@ from bench.zoo import describe as describe_zoo
 __all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
 
 USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, AttackOutputError,
-               FloatingPointError, CacheError, IncompleteCellError, PluginError, SubBatchMemoryError)
+               FloatingPointError, OutputWriteError, IncompleteCellError, PluginError, SubBatchMemoryError)
 STORE_NAME = "store.sqlite"
 
 
@@ -79,13 +79,15 @@ def new_run_folder(results: Path, profile: str) -> tuple[str, Path]:
     The folder is created atomically, so two runs started in the same second get different ids.
     """
     base = f"{profile}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    results.mkdir(parents=True, exist_ok=True)
     for n in range(1, 10_000):
         run_id = base if n == 1 else f"{base}-{n}"
         try:
+            results.mkdir(parents=True, exist_ok=True)
             (results / run_id).mkdir()
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise OutputWriteError(results / run_id, exc) from exc
         return run_id, results / run_id
     raise ConfigError(f"cannot find a free run folder name under {results}")
 
@@ -101,30 +103,37 @@ def _check_speed(profile: Profile, device: torch.device) -> None:
 def _device_settings(args: argparse.Namespace, profile: Profile, device: torch.device) -> None:
     """--loader-workers and --cudnn-benchmark over the profile's values; cuDNN switched on the device."""
     if args.loader_workers is not None:
-        if args.loader_workers < 0:
-            raise ConfigError(f"--loader-workers must be at least 0, got {args.loader_workers}")
         profile.loader_workers = args.loader_workers
     profile.cudnn_benchmark = profile.cudnn_benchmark or args.cudnn_benchmark
     configure_backends(device, profile.cudnn_benchmark)
 
 
+def check_run_options(args: argparse.Namespace) -> None:
+    """The numbers given to `run`, checked before anything is loaded, registered or written."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    if args.loader_workers is not None and args.loader_workers < 0:
+        raise ConfigError(f"--loader-workers must be at least 0, got {args.loader_workers}")
+    if args.checkpoint_every is not None and not args.checkpoint_every > 0:  # NaN is refused too
+        raise ConfigError(f"--checkpoint-every must be a positive number of seconds, got {args.checkpoint_every:g}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    check_run_options(args)
     profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
                            max_draws=args.max_draws, autocast=args.autocast,
-                           channels_last=True if args.channels_last else None)
+                           channels_last=True if args.channels_last else None, only_datasets=args.datasets)
     device = pick_device(args.device) if args.executor == "local" else worker_device_name(args.device)
     if args.executor == "local" or args.device == "cpu":
         _check_speed(profile, device)  # Ray workers check their own device (the driver may have no GPU)
     # Weights, factories and data splits (and the examples they hold), before anything is written.
     profile = check_inputs(profile, args)
     if args.batch_size is not None:
-        if args.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
         profile.batch_size = args.batch_size
     _device_settings(args, profile, device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     ray_flags = (args.ray_address, args.ray_workers, args.cpus_per_task, args.gpus_per_task,
                  args.ray_ship_models or None)
@@ -141,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = Store(results / STORE_NAME)
     run_id, run_dir = new_run_folder(results, profile.name)
     settings = profile.settings() | {"examples": args.examples, "max_steps": args.max_steps,
-                                     "max_draws": args.max_draws,
+                                     "max_draws": args.max_draws, "only_datasets": args.datasets,
                                      "profile_source": profile.source,
                                      # Resolved values (the overrides above may be None): seeds and subset sizes.
                                      "seeds": sorted({c.seed for c in profile.cells}),
@@ -149,21 +158,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.start_run(run_id, profile.name, settings, environment(device), cells)
     print(f"run {run_id}: {len(cells)} cells on {device}; results in {run_dir}", flush=True)
     options = RunOptions(results_dir=results, device=device, data_root=args.data_root, download=args.download,
-                         batch_size=profile.batch_size, progress=not args.quiet, max_draws=args.max_draws,
+                         batch_size=profile.batch_size,
+                         # Bars only on a terminal: redirected to a log file they are thousands of \r lines.
+                         progress=not args.quiet and sys.stderr.isatty(), max_draws=args.max_draws,
                          overhead_draws=tuple(profile.overhead_draws),
                          loader=LoaderOptions(workers=profile.loader_workers, pin_memory=profile.pin_memory),
                          log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)))
     if args.checkpoint_every is not None:
-        if not args.checkpoint_every > 0:
-            raise ConfigError("--checkpoint-every must be a positive number of seconds")
         options.checkpoint_seconds = args.checkpoint_every
-    if args.executor == "ray":
-        assert ray is not None
-        counts = execute_ray(cells, store, options, ray)
-    else:
-        counts = execute(cells, store, options)
-    print(f"{counts['run']} cell(s) computed, {counts['skipped']} reused from the store", flush=True)
-    report = write_report(store, run_id, run_dir)
+    with advice("re-run the same command: finished cells are kept in the store"):
+        if args.executor == "ray":
+            assert ray is not None
+            counts = execute_ray(cells, store, options, ray)
+        else:
+            counts = execute(cells, store, options)
+        print(f"{counts['run']} cell(s) computed, {counts['skipped']} reused from the store", flush=True)
+        report = write_report(store, run_id, run_dir)
     print(report["text"], end="")
     print(f"tables written to {run_dir}")
     store.close()
@@ -268,14 +278,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not os.access(out if out.exists() else results, os.W_OK):
         out = Path(tempfile.mkdtemp(prefix=f"{run_id}-"))
         print(f"{results / run_id} is not writable; tables go to {out}")
-    report = write_report(store, run_id, out, robust_thresholds=args.robust_thresholds)
+    with advice(f"re-run `pixeldp-bench report {args.run}`"):
+        report = write_report(store, run_id, out, robust_thresholds=args.robust_thresholds)
     print(report["text"], end="")
     print(f"tables written to {out}")
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from bench.compare import compare_runs, format_comparison, open_run
+    from bench.compare import compare_runs, format_comparison, missing_from_new, only_common, open_run
     from bench.tables import write_table
 
     results = Path(args.results).resolve() if args.results else default_results_dir()
@@ -294,9 +305,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
                                 robust_thresholds=args.robust_thresholds)
     print(f"base {base[1]} ({base[0].path}) vs new {new[1]} ({new[0].path}); tolerance {args.tolerance:g}, "
           f"alpha {args.alpha:g} ({args.correction})")
-    print(format_comparison(frame, notes, everything=args.all), end="")
+    gap = None if args.only_common else missing_from_new(frame)
+    left_out = None
+    if args.only_common:
+        frame, *counts = only_common(frame)
+        left_out = (counts[0], counts[1])
+    print(format_comparison(frame, notes, everything=args.all, left_out=left_out), end="")
     if args.out:
         write_table(frame, frame, Path(args.out), "comparison", f"Comparison of {new[1]} against {base[1]}.")
+    if gap is not None:
+        print(f"pixeldp-bench: compare failed: {gap}", file=sys.stderr)
+        return 1
     return 1 if (frame["status"] == "REGRESSION").any() else 0
 
 
@@ -312,9 +331,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
                          "by re-running its profile before exporting it as a baseline")
     out = Path(args.out) if args.out else results / "baselines" / store.run_info(run_id)["profile"]
     path = export_run(store, run_id, out / "baseline.json")
-    with tempfile.TemporaryDirectory() as scratch:  # only the tables' text is kept next to the export
-        text = write_report(store, run_id, Path(scratch))["text"]
-    (out / "tables.md").write_text(f"Tables of baseline run {run_id}.\n\n```\n{text}```\n")
+    text = write_report(store, run_id, None)["text"]  # only the tables' text goes next to the export
+    write_text(out / "tables.md", f"Tables of baseline run {run_id}.\n\n```\n{text}```\n")
     print(f"run {run_id} exported to {path}; compare a new run with: pixeldp-bench compare {out} NEW_RUN")
     return 0
 
@@ -326,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a profile (a shipped name like 'smoke' or a path to a TOML file)")
     run.add_argument("profile", help="shipped profile name or path to a .toml profile")
     run.add_argument("--examples", type=int, help="number of test examples (fixed stratified subset)")
+    run.add_argument("--datasets", nargs="+", metavar="NAME", help="run only these of the profile's datasets "
+                     "(e.g. --datasets mnist: a big profile with the data you have)")
     run.add_argument("--max-steps", type=int, help="cap on training steps and attack iterations")
     run.add_argument("--max-draws", type=int, help="cap on Monte Carlo draw counts (draws, draws_*, *_draws params)")
     run.add_argument("--seed", type=int, help="seed for training, example selection and noise")
@@ -391,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--robust-thresholds", type=float, nargs="+", help="thresholds T for robust recall")
     cmp.add_argument("--all", action="store_true", help="print every table cell, not only the changed ones")
     cmp.add_argument("--out", help="folder to write comparison.csv/.md/.tex to")
+    cmp.add_argument("--only-common", action="store_true", help="compare only the table cells both runs have "
+                     "(default: fail when the new run lacks cells the base has)")
     cmp.set_defaults(func=cmd_compare)
     base = sub.add_parser("baseline", help="export a run to a self-contained JSON baseline for `compare`")
     base.add_argument("run", help="run id, run folder, or results folder (latest run)")
@@ -398,8 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--out", help="output folder (default: <results>/baselines/<profile>)")
     base.set_defaults(func=cmd_baseline)
     from bench.estimate import add_parser as add_estimate
+    from bench.store_tools import add_parser as add_store
 
     add_estimate(sub)
+    add_store(sub)
     return parser
 
 

@@ -144,8 +144,34 @@ def compare_outcomes(base: Outcomes, new: Outcomes, *, tolerance: float = 0.02, 
     return frame
 
 
-def format_comparison(frame: pd.DataFrame, notes: list[str], *, everything: bool = False) -> str:
-    """Terminal text: the changed (or all) table cells, the configuration differences, a summary line."""
+def only_common(frame: pd.DataFrame) -> tuple[pd.DataFrame, int, int]:
+    """The rows both runs have, and how many were only in the base / only in the new run."""
+    in_base, in_new = frame["status"] == "only in base", frame["status"] == "only in new"
+    return frame[~(in_base | in_new)].reset_index(drop=True), int(in_base.sum()), int(in_new.sum())
+
+
+def missing_from_new(frame: pd.DataFrame, shown: int = 5) -> str | None:
+    """One line naming the base's table cells the new run lacks (None when it has them all).
+
+    A regression gate that passes on a run covering a fraction of the baseline proves nothing, so
+    the CLI fails on this unless the user asks for the intersection (--only-common).
+    """
+    lacking = frame[frame["status"] == "only in base"]
+    if lacking.empty:
+        return None
+    names = "; ".join(f"{r.table} / {r.dataset} / {r.defense} / {r.column}" for r in lacking.head(shown).itertuples())
+    more = f"; ... ({len(lacking) - shown} more)" if len(lacking) > shown else ""
+    return (f"the new run lacks {len(lacking)} of the base's {int((frame['status'] != 'only in new').sum())} "
+            f"table cells ({names}{more}); run the base's whole profile, or pass --only-common to compare "
+            "only the cells both runs have")
+
+
+def format_comparison(frame: pd.DataFrame, notes: list[str], *, everything: bool = False,
+                      left_out: tuple[int, int] | None = None) -> str:
+    """Terminal text: the changed (or all) table cells, the configuration differences, a summary line.
+
+    `left_out` (only in base, only in new) says the frame was cut to the common cells (--only-common).
+    """
     shown = frame if everything else frame[(frame["delta"].fillna(1) != 0) | (frame["status"] != "ok")]
     text = ""
     if len(shown):
@@ -161,6 +187,9 @@ def format_comparison(frame: pd.DataFrame, notes: list[str], *, everything: bool
     text += (f"{len(frame)} table cells compared (in %): {counts.get('REGRESSION', 0)} regression(s), "
              f"{counts.get('improved', 0)} improvement(s), {counts.get('ok', 0)} within tolerance, "
              f"{counts.get('only in base', 0)} only in base, {counts.get('only in new', 0)} only in new\n")
+    if left_out is not None:
+        text += (f"--only-common: compared only the {len(frame)} table cells both runs have; left out "
+                 f"{left_out[0]} only in the base and {left_out[1]} only in the new run\n")
     return text
 
 

@@ -365,7 +365,7 @@ def _speed(run: dict[str, Any], autocast: str | None, channels_last: bool | None
 
 def parse_profile(text: str, name: str, *, examples: int | None = None, seed: int | None = None,
                   max_steps: int | None = None, max_draws: int | None = None, autocast: str | None = None,
-                  channels_last: bool | None = None) -> Profile:
+                  channels_last: bool | None = None, only_datasets: list[str] | None = None) -> Profile:
     """Validate a profile's TOML text and expand it into cells (clean cell first per defense).
 
     `dataset_params` tables override an entry's `params` per dataset, an attack's `eps` may be a
@@ -373,6 +373,7 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     entry's params (see `cap_counts`; the runner also caps training steps). With no seed in the
     profile or the arguments, the seed comes from the OS and is recorded in `Profile.seed_source`.
     `autocast` and `channels_last` override the profile's run.autocast / run.channels_last.
+    `only_datasets` keeps the profile's cells on those of its datasets (--datasets).
     """
     if max_draws is not None and max_draws < 1:
         raise ConfigError("--max-draws must be at least 1")
@@ -389,6 +390,11 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     datasets = [str(d) for d in _as_list(run.get("datasets", ["mnist5k"]), "run.datasets")]
     for d in datasets:
         DATASETS.get(d)
+    if only_datasets is not None:
+        outside = [d for d in only_datasets if d not in datasets]
+        if outside:
+            raise ConfigError(f"--datasets {' '.join(outside)}: not in profile {name!r}, whose datasets are "
+                              f"{', '.join(datasets)}; pick among those")
     n_examples = _positive_int(examples if examples is not None else run.get("examples", 100),
                                "examples" if examples is not None else "run.examples")
     certify_examples = None
@@ -417,6 +423,10 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
     cells = expand_cells(datasets, defense_entries, attack_entries, examples=n_examples, seed=run_seed,
                          max_steps=max_steps, max_draws=max_draws, certify_examples=certify_examples,
                          batch_sizes=batch_by_dataset, speed=speed)
+    if only_datasets is not None:
+        # Expanded whole first, so every entry is checked as the full profile would be; an attack that
+        # targets only the datasets left out then simply has no cell here.
+        cells = [cell for cell in cells if cell.dataset in only_datasets]
     return Profile(name=_run_name(run.get("name"), name), cells=cells, batch_size=batch_size,
                    l_attack=l_attack, thresholds=thresholds, source=raw, seed=run_seed, seed_source=seed_source,
                    overhead_draws=overhead_draws, cpus_per_task=_resource(run, "cpus_per_task"),

@@ -28,7 +28,7 @@ def explain(cells: list[tuple[str, Cell]], store: Store | None) -> list[dict[str
 
     Reasons for computing: "new" (nothing stored for this dataset / defense / attack / eps),
     "code changed (attack, defense, harness)" or "parameters changed (names)", judged against the
-    most recent stored cell of the same slot.
+    most recent stored cell of the same slot, or "stored but damaged (why)" for a cell failing its checksum.
     """
     latest: dict[tuple, tuple[Cell, dict[str, Any]]] = {}
     if store is not None:
@@ -37,7 +37,9 @@ def explain(cells: list[tuple[str, Cell]], store: Store | None) -> list[dict[str
     plan = []
     for key, cell in cells:
         if store is not None and store.is_done(key):
-            plan.append({"key": key, "cell": cell, "action": "reuse", "reason": "stored"})
+            problem = store.cell_problem(key)  # a damaged cell is deleted and recomputed by the run
+            plan.append({"key": key, "cell": cell, "action": "compute" if problem else "reuse",
+                         "reason": f"stored but damaged ({problem})" if problem else "stored"})
             continue
         previous = latest.get(slot(cell))
         if previous is None:

@@ -1,6 +1,7 @@
 """The paper's figures (Lecuyer et al. 2019, Figs. 2-5) drawn from the table frames, as PNG and PDF."""
 from __future__ import annotations
 
+import io
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import product
@@ -16,6 +17,7 @@ from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bench.atomic import write_bytes
 from bench.registry import DEFENSES, Registry, load_builtins
 from bench.tables import CLEAN, WORST
 from bench.tables_certified import reference_accuracy
@@ -106,16 +108,8 @@ def _curve(accuracy: pd.DataFrame, dataset: str, defense: str, attack: str, norm
 
 
 def worst_curve(accuracy: pd.DataFrame, dataset: str, defense: str, norm: str) -> pd.DataFrame:
-    """Per L_attack, the worst case over attacks (per example) where attacks meet, else the single attack."""
-    rows = accuracy[(accuracy["dataset"] == dataset) & (accuracy["defense"] == defense) & (accuracy["norm"] == norm)]
-    best = []
-    for _eps, group in rows.groupby("eps"):
-        pick = group[group["attack"] == WORST]
-        best.append(pick if len(pick) else group.nsmallest(1, "accuracy"))
-    if not best:
-        return rows
-    curve = pd.concat(best).assign(attack=WORST)
-    return _curve(pd.concat([curve, accuracy[accuracy["attack"] == CLEAN]]), dataset, defense, WORST, norm)
+    """Per L_attack, the per-example worst case over attacks (bench.tables adds it at every budget attacked)."""
+    return _curve(accuracy, dataset, defense, WORST, norm)
 
 
 def plot_accuracy_vs_attack(accuracy: pd.DataFrame, band_max_n: int = BAND_MAX_N) -> Figure | None:
@@ -216,13 +210,19 @@ def plot_robust(robust: pd.DataFrame, accuracy: pd.DataFrame, certified_defenses
 
 def save_figure(figure: Figure, folder: Path, stem: str) -> dict[str, Path]:
     """Write `<stem>.png` (200 dpi) and `<stem>.pdf` under folder; returns the paths."""
-    folder.mkdir(parents=True, exist_ok=True)
     paths = {"png": folder / f"{stem}.png", "pdf": folder / f"{stem}.pdf"}
     with publication_style():
-        # Tight bounding box: long axis labels and the outside legends are never clipped.
-        figure.savefig(paths["png"], dpi=200, bbox_inches="tight")
-        figure.savefig(paths["pdf"], bbox_inches="tight")
+        _write_figure(figure, paths["png"], dpi=200)
+        _write_figure(figure, paths["pdf"])
     return paths
+
+
+def _write_figure(figure: Figure, path: Path, **options: Any) -> None:
+    """Render in memory, then write atomically (bench.atomic): a full disk never leaves half a figure."""
+    rendered = io.BytesIO()
+    # Tight bounding box: long axis labels and the outside legends are never clipped.
+    figure.savefig(rendered, format=path.suffix[1:], bbox_inches="tight", **options)
+    write_bytes(path, rendered.getbuffer())
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from bench.atomic import write_bytes, write_text
 from bench.cache import ModelCache
 from bench.config import ConfigError
 from bench.plugins import load_plugins
@@ -150,10 +151,7 @@ def _store_model(root: Path, name: str, payload: bytes | None) -> None:
     path = root / name
     if payload is None or path.exists():
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{name}.{os.getpid()}.tmp")
-    tmp.write_bytes(payload)
-    tmp.replace(path)
+    write_bytes(path, payload)
 
 
 def train_model(options: WorkerOptions, cell: Cell) -> bytes | None:
@@ -290,10 +288,8 @@ def _task_setup(ray: Any, options: RunOptions, settings: RaySettings,
 
 def _write_probe(root: Path) -> Path:
     """A uniquely named file in the driver's model cache: a worker that sees it shares the results folder."""
-    root.mkdir(parents=True, exist_ok=True)
-    probe = root / f"{PROBE_PREFIX}{secrets.token_hex(8)}"
-    probe.write_text("the Ray driver checks whether workers share this folder\n")
-    return probe
+    return write_text(root / f"{PROBE_PREFIX}{secrets.token_hex(8)}",
+                      "the Ray driver checks whether workers share this folder\n")
 
 
 def _submit_and_collect(ray: Any, pending: list[tuple[str, Cell]], store: Store, options: RunOptions,

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import bench.plots
+from bench.atomic import write_bytes, write_text
 from bench.checks import run_checks
 from bench.fingerprint import code_fingerprint
 from bench.plots import figures, save_figure
 from bench.store import Store
 from bench.table_registry import RunData, build_frames, tables
-from bench.tables import to_text, write_table
+from bench.tables import TEXT_WIDTH, to_text, write_table
 from bench.tables_certified import DEFAULT_ROBUST_THRESHOLDS
 
 FIGURES = "figures"
@@ -65,13 +66,12 @@ def _reuse_figures(folder: Path, inputs: str) -> dict[str, dict[str, Path]] | No
     for marker in sorted(folder.parent.parent.glob(f"*/{FIGURES}/{INPUTS_MARKER}"), reverse=True):
         if marker.parent == folder or marker.read_text() != inputs:
             continue
-        folder.mkdir(parents=True, exist_ok=True)
         paths: dict[str, dict[str, Path]] = {}
         for source in sorted(marker.parent.iterdir()):
             if source.suffix in (".png", ".pdf"):
-                shutil.copy2(source, folder / source.name)
-                paths.setdefault(source.stem, {})[source.suffix[1:]] = folder / source.name
-        (folder / INPUTS_MARKER).write_text(inputs)
+                paths.setdefault(source.stem, {})[source.suffix[1:]] = write_bytes(folder / source.name,
+                                                                                   source.read_bytes())
+        write_text(folder / INPUTS_MARKER, inputs)
         return paths
     return None
 
@@ -85,20 +85,18 @@ def write_figures(frames: dict[str, Any], folder: Path) -> dict[str, dict[str, P
         return reused
     drawn = {stem: figure.draw(frames, registry) for stem, figure in figures()}
     paths = {stem: save_figure(figure, folder, stem) for stem, figure in drawn.items() if figure is not None}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / INPUTS_MARKER).write_text(inputs)
+    write_text(folder / INPUTS_MARKER, inputs)
     return paths
 
 
-def write_report(store: Store, run_id: str, run_dir: Path, robust_thresholds=None) -> dict[str, Any]:
-    """Write the run's tables (CSV, Markdown, LaTeX) and figures (PNG, PDF) under run_dir.
+def write_report(store: Store, run_id: str, run_dir: Path | None, robust_thresholds=None) -> dict[str, Any]:
+    """Write the run's tables (CSV, Markdown, LaTeX) and figures (PNG, PDF) under run_dir (None: no files).
 
     Returns the terminal text, the paths written, the accuracy frame ("frame") and all frames.
     """
     frames = run_frames(store, run_id, robust_thresholds)
     info, cells, run = frames["info"], frames["cells"], frames["run"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Any] = {}
+    views: list[tuple[str, Any, Any, str]] = []
     text = ""
     for name, table in tables():
         long = frames[name]
@@ -106,22 +104,31 @@ def write_report(store: Store, run_id: str, run_dir: Path, robust_thresholds=Non
             continue
         wide = table.pivot(long, frames, run)
         caption = table.caption(run)
-        paths[table.stem] = write_table(long, wide, run_dir, table.stem, caption)
-        text += ("\n" if text else "") + (table.heading or caption) + "\n" + to_text(wide)
-    paths["figures"] = write_figures(frames, run_dir / FIGURES)
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-    # The full resolved configuration of every cell, in run order, next to the settings and environment.
-    (run_dir / "config.json").write_text(json.dumps(
-        [{"key": key, **cell.config()} for key, cell in store.run_cells(run_id)], indent=2, sort_keys=True))
+        views.append((table.stem, long, wide, caption))
+        heading = textwrap.fill(table.heading or caption, TEXT_WIDTH)  # the console's width, like the tables
+        text += ("\n" if text else "") + heading + "\n" + to_text(wide)
     warnings = run_checks(cells, info["settings"]["l_attack"], run.infos)
-    paths["checks"] = run_dir / "checks.txt"
-    paths["checks"].write_text("".join(f"WARNING: {w}\n" for w in warnings) or "all sanity checks passed\n")
+    checks = "".join(f"WARNING: {w}\n" for w in warnings) or "all sanity checks passed\n"
     text += "".join(f"\nWARNING: {w}" for w in warnings) + ("\n" if warnings else "")
     missing = store.missing_cells(run_id)
     if missing:
         # An incomplete run is marked at the top of the text and in checks.txt: its tables lack cells.
         banner = (f"INCOMPLETE RUN: {len(missing)} of {len(cells)} cell(s) have no results (killed or failed run); "
                   "re-run the same profile into the same results folder to finish it\n")
-        text = banner + text
-        paths["checks"].write_text(banner + paths["checks"].read_text())
+        text, checks = banner + text, banner + checks
+    paths = {} if run_dir is None else _write_files(store, run_id, run_dir, frames, views, checks)
     return {"text": text, "paths": paths, "frame": frames["accuracy"], "frames": frames}
+
+
+def _write_files(store: Store, run_id: str, run_dir: Path, frames: dict[str, Any],
+                 views: list[tuple[str, Any, Any, str]], checks: str) -> dict[str, Any]:
+    """The report's files: tables (views of (stem, long, wide, caption)), figures, run.json, config.json, checks.txt."""
+    paths: dict[str, Any] = {stem: write_table(long, wide, run_dir, stem, caption)
+                             for stem, long, wide, caption in views}
+    paths["figures"] = write_figures(frames, run_dir / FIGURES)
+    write_text(run_dir / "run.json", json.dumps(frames["info"], indent=2, sort_keys=True))
+    # The full resolved configuration of every cell, in run order, next to the settings and environment.
+    write_text(run_dir / "config.json", json.dumps(
+        [{"key": key, **cell.config()} for key, cell in store.run_cells(run_id)], indent=2, sort_keys=True))
+    paths["checks"] = write_text(run_dir / "checks.txt", checks)
+    return paths

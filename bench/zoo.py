@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from bench.atomic import advice, atomic_path, is_disk_error
 from bench.weights import WeightsError, file_sha256
 
 if TYPE_CHECKING:
@@ -152,18 +153,42 @@ def verify(entry: ZooEntry, path: Path) -> Path:
     return path
 
 
-def _looked(entry: ZooEntry, folders: list[Path]) -> str:
+def _looked(entry: ZooEntry, folders: list[Path], download: bool = False) -> str:
+    """Where the file was looked for and every way to provide it; after a failed --download, not --download again."""
+    fetch = ("check the network connection and run again" if download
+             else f"fetch it from {entry.url} with --download (needs internet)")
     return (f"{entry.file} was not found in {', '.join(map(str, folders))}; pass --weights-root DIR (or set "
-            f"${ENV}=DIR) for a folder holding it, or fetch it from {entry.url} with --download (needs internet)")
+            f"${ENV}=DIR) for a folder holding it (from {entry.url}), or {fetch}")
+
+
+def _download(entry: ZooEntry, destination: Path, folders: list[Path], fetch: Callable[[str, str], Any] | None) -> None:
+    """Fetch the entry's file to `destination` and verify it; one WeightsError when the download fails or differs."""
+    try:
+        if fetch is None:
+            from torch.hub import download_url_to_file
+
+            download_url_to_file(entry.url, str(destination), progress=False)
+        else:
+            fetch(entry.url, str(destination))
+    except Exception as exc:  # offline, HTTP error: the message says what else works
+        if is_disk_error(exc):
+            raise  # the cache's disk, not the network: bench.atomic names the file and the fix
+        raise WeightsError(f"zoo model {entry.name}: downloading {entry.url} failed ({type(exc).__name__}: "
+                           f"{exc}); {_looked(entry, folders, download=True)}") from exc
+    found = file_sha256(destination)
+    if found != entry.sha256:
+        raise WeightsError(f"zoo model {entry.name}: the file downloaded from {entry.url} has SHA-256 {found}, "
+                           f"expected {entry.sha256}: it is not the released file (the download was deleted); run "
+                           "again later, or get the file by hand and pass its folder with --weights-root DIR")
 
 
 def locate(entry: ZooEntry, root: str | Path | None = None, download: bool = False,
            fetch: Callable[[str, str], Any] | None = None) -> Path:
     """The verified local file of `entry`: found in `search_folders(root)`, else downloaded when `download`.
 
-    A download goes to a temporary name in `cache_folder()` and is renamed only once its SHA-256
-    matches, so a failed or altered download never stays. `fetch(url, destination)` defaults to
-    torch.hub.download_url_to_file.
+    A download goes to a temporary name in `cache_folder()` (bench.atomic) and replaces the file
+    only once its SHA-256 matches, so a failed or altered download never stays. `fetch(url,
+    destination)` defaults to torch.hub.download_url_to_file.
     """
     folders = search_folders(root)
     for folder in folders:
@@ -172,25 +197,9 @@ def locate(entry: ZooEntry, root: str | Path | None = None, download: bool = Fal
     if not download:
         raise WeightsError(f"zoo model {entry.name}: {_looked(entry, folders)}")
     target = cache_folder() / entry.file
-    partial = target.with_name(f"{target.name}.{os.getpid()}.part")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if fetch is None:
-            from torch.hub import download_url_to_file
-
-            download_url_to_file(entry.url, str(partial), progress=False)
-        else:
-            fetch(entry.url, str(partial))
-    except Exception as exc:  # offline, HTTP error, unwritable cache: the message says what else works
-        partial.unlink(missing_ok=True)
-        raise WeightsError(f"zoo model {entry.name}: downloading {entry.url} failed ({type(exc).__name__}: "
-                           f"{exc}); {_looked(entry, folders)}") from exc
-    try:
-        verify(entry, partial)
-    except WeightsError as exc:
-        partial.unlink(missing_ok=True)
-        raise WeightsError(f"{exc} (the download was deleted)") from None
-    partial.replace(target)
+    with advice(f"run again, or put {entry.file} in a folder given with --weights-root DIR"), \
+            atomic_path(target) as partial:
+        _download(entry, partial, folders, fetch)
     return target
 
 

@@ -12,13 +12,18 @@ from defenses.undefended import Undefended
 # certificate is registered by its author (a plugin) with its own DefenseInfo.
 @DEFENSES.register("user_model", family="user model", randomized=False, certified=False)
 class UserModel(Undefended):
-    """Your own classifier: `factory` builds it ([0,1] images -> logits), `weights` fills it.
+    """Your own classifier: `factory` (or a registered `arch`) builds it ([0,1] images -> logits), `weights` fills it.
 
     With the default `steps = 0` the model is evaluated as given (weights required); with
     steps > 0 it is trained (or fine-tuned from `weights`) with cross-entropy like the undefended
-    baseline. Every defense takes the same `factory` / `weights` parameters (bench.weights); use
-    `wong_kolter` or `randomized_smoothing` with them to certify your model.
+    baseline. Every defense takes the same `factory` / `arch` / `weights` parameters (bench.weights);
+    use `wong_kolter` or `randomized_smoothing` with them to certify your model.
     """
 
-    def __init__(self, spec: DatasetSpec, *, factory: str, steps: int = 0, **params: Any):
-        super().__init__(spec, factory=factory, steps=steps, **params)
+    def __init__(self, spec: DatasetSpec, *, factory: str | None = None, arch: str | None = None, steps: int = 0,
+                 **params: Any):
+        if factory is None and arch is None:
+            # Without either it would silently evaluate the dataset's default model, not the user's.
+            raise ValueError("user_model needs factory = \"package.module:function\" (your network) or arch = "
+                             "\"NAME\" (a registered architecture, see `pixeldp-bench list --models`)")
+        super().__init__(spec, factory=factory, arch=arch, steps=steps, **params)

@@ -115,6 +115,7 @@ HELP = {
                 "--out"],
     "baseline": ["run", "--results", "--out"],
     "estimate": ["profile", "--device-flops", "--examples", "--max-steps", "--max-draws", "--seed", "--threads"],
+    "store": ["check", "recover"],
 }
 
 
@@ -162,3 +163,16 @@ def test_list_into_a_closed_pipe_is_quiet():
     done = subprocess.run(f"{sys.executable} -m bench list | head -1", shell=True, capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.strip() == "datasets:" and "Traceback" not in done.stderr
+
+
+def test_progress_bars_stay_out_of_logs(tiny_profile, tmp_path):
+    """Issue 27: with stderr redirected to a file (not a terminal) no progress bar is written there."""
+    log = tmp_path / "run.log"
+    with log.open("w") as handle:
+        done = subprocess.run([sys.executable, "-m", "bench", "run", str(tiny_profile), "--results",
+                               str(tmp_path / "results"), "--device", "cpu"], stdout=handle, stderr=subprocess.STDOUT,
+                              cwd=Path(__file__).parents[1])
+    text = log.read_text()
+    assert done.returncode == 0, text[-2000:]
+    assert "\r" not in text and "it/s" not in text and "s/it" not in text
+    assert "3 cell(s) computed" in text  # the per-cell lines and the summary still reach the log

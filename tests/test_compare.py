@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import torch
 
 from bench.baseline import export_run, load_export
 from bench.cli import main
-from bench.compare import compare_outcomes, holm, open_run, paired_test, run_outcomes
+from bench.compare import (Outcomes, compare_outcomes, holm, missing_from_new, only_common, open_run, paired_test,
+                           run_outcomes)
+from bench.data import REPO_ROOT
 from bench.config import parse_profile
 from bench.environment import environment
 from bench.runner import RunOptions, execute, keyed
@@ -69,9 +72,9 @@ def test_compare_flags_a_weakened_model(runs, capsys):
 def test_compare_passes_an_identical_rerun(runs, capsys, tmp_path):
     assert main(["compare", str(runs["base"]), str(runs["rerun"]), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "0 regression(s)" in out and "2 within tolerance" in out  # clean, PGD at 0.1
+    assert "0 regression(s)" in out and "3 within tolerance" in out  # clean, PGD at 0.1, worst case at 0.1
     table = pd.read_csv(tmp_path / "comparison.csv")
-    assert list(table["test"]) == ["mcnemar", "mcnemar"] and (table["delta"] == 0).all()  # bit-identical rerun
+    assert list(table["test"]) == ["mcnemar"] * 3 and (table["delta"] == 0).all()  # bit-identical rerun
 
 
 @pytest.mark.slow
@@ -142,3 +145,43 @@ def test_tolerance_and_alpha_decide_the_status():
     assert compare_outcomes(new, base)["status"].item() == "improved"
     only = compare_outcomes(base, Outcomes({}, {}))
     assert only["status"].item() == "only in base"
+
+
+def _partial_smoke_run(results: Path, keep: int) -> None:
+    """A store whose one run holds only the first `keep` cells of the committed smoke baseline."""
+    base, run_id = load_export(REPO_ROOT / "results" / "baselines" / "smoke" / "baseline.json")
+    info = base.run_info(run_id)
+    cells = base.run_cells(run_id)[:keep]
+    store = Store(results / "store.sqlite")
+    store.start_run("partial", info["profile"], info["settings"], info["environment"], cells)
+    for key, cell in cells:
+        store.write_cell(key, cell, base.records(key), base.cell_info(key) or {})
+    store.close()
+
+
+def test_compare_fails_when_the_new_run_lacks_base_cells(tmp_path, capsys):
+    """Issue 27: a gate that passed on a run covering 1% of the baseline must fail, naming the cells."""
+    _partial_smoke_run(tmp_path, keep=2)
+    baseline = str(REPO_ROOT / "results" / "baselines" / "smoke")
+    assert main(["compare", baseline, str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pixeldp-bench: compare failed: the new run lacks ")
+    assert "--only-common" in err[0] and "accuracy" in err[0]
+    # Asked for the intersection, it compares the 2 cells' table entries and says what it left out.
+    assert main(["compare", baseline, str(tmp_path), "--only-common"]) == 0
+    out = capsys.readouterr().out
+    assert "--only-common: compared only the" in out
+    summary = [line for line in out.splitlines() if line.startswith("--only-common")][0]
+    compared, left = int(summary.split("the ")[1].split()[0]), int(summary.split("left out ")[1].split()[0])
+    assert 0 < compared < left
+
+
+def test_only_common_keeps_new_only_cells_out_and_a_superset_passes(tmp_path, capsys):
+    """A new run with every base cell (and more) passes without --only-common."""
+    base = Outcomes(OrderedDict({("t", "d", "m", "a"): {0: True, 1: True}}), {})
+    new = Outcomes(OrderedDict({("t", "d", "m", "a"): {0: True, 1: True}, ("t", "d", "m", "b"): {0: False}}), {})
+    frame = compare_outcomes(base, new)
+    assert missing_from_new(frame) is None
+    common, only_base, only_new = only_common(frame)
+    assert (len(common), only_base, only_new) == (1, 0, 1)
+    assert missing_from_new(compare_outcomes(new, base)).startswith("the new run lacks 1 of the base's 2 table cells")

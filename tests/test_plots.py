@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.plots import (plot_accuracy_vs_attack, plot_certified, plot_defense_comparison, plot_robust,
+from bench.plots import (worst_curve, plot_accuracy_vs_attack, plot_certified, plot_defense_comparison, plot_robust,
                          save_figure)
 from bench.tables import WORST, accuracy_frame
 from bench.tables_certified import certified_frame, robust_frame
@@ -53,13 +53,14 @@ def test_fig3_accuracy_vs_attack_per_defense(frames):
     assert "L2 norm" in l2.get_xlabel() and "L-inf norm" in linf.get_xlabel()
     assert l2.get_ylabel() == "accuracy under attack (%)"
     assert legend_labels(l2) == ["pgd_l2", "cw_l2", WORST]
-    assert legend_labels(linf) == ["pgd_linf"]
+    assert legend_labels(linf) == ["pgd_linf", WORST]  # one attack: its worst case is drawn on top of it
     acc = frames["accuracy"]
     clean = acc[(acc["defense"] == "undefended") & (acc["attack"] == "clean")]["accuracy"].item()
     pgd = acc[(acc["defense"] == "undefended") & (acc["attack"] == "pgd_linf")].sort_values("eps")
-    (line,) = linf.get_lines()
+    line, worst = linf.get_lines()
     assert list(line.get_xdata()) == [0.0, 0.1, 0.3]  # the clean accuracy starts the fixed-eps curve
     assert np.allclose(line.get_ydata(), 100 * np.r_[clean, pgd["accuracy"]])
+    assert np.allclose(worst.get_ydata(), line.get_ydata())
     cw = acc[(acc["defense"] == "undefended") & (acc["attack"] == "cw_l2")].sort_values("eps")
     assert np.allclose(l2.get_lines()[1].get_ydata(), 100 * cw["accuracy"])
 
@@ -71,7 +72,8 @@ def test_fig4_compares_defense_families_under_both_norms(frames):
     assert l2.get_title() == "mnist5k: L2 attacks" and linf.get_title() == "mnist5k: L-inf attacks"
     assert legend_labels(l2) == ["undefended", "madry", "pixeldp_L0.1", "pixeldp_L0.3", "convex: wong_kolter"]
     acc = frames["accuracy"]
-    worst = acc[(acc["defense"] == "madry") & (acc["attack"] == WORST)]["accuracy"].item()
+    worst = acc[(acc["defense"] == "madry") & (acc["attack"] == WORST) & (acc["norm"] == "l2")
+                & np.isclose(acc["eps"], 0.5)]["accuracy"].item()
     madry = l2.get_lines()[1]
     assert 0.5 in list(madry.get_xdata())
     assert madry.get_ydata()[list(madry.get_xdata()).index(0.5)] == pytest.approx(100 * worst)
@@ -106,3 +108,17 @@ def test_save_writes_png_and_pdf(frames, tmp_path):
     paths = save_figure(plot_certified(frames["certified"]), tmp_path, "fig2")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert paths["pdf"].read_bytes()[:5] == b"%PDF-"
+
+
+def test_fig4_worst_line_is_never_above_a_measured_attack(frames):
+    """Issue 27: the worst-case line passed above APGD's measured point where only APGD ran a budget."""
+    registry = {(c.dataset, c.defense_label): c.defense for c, _ in frames["cells"]}
+    acc = frames["accuracy"]
+    for norm in ("l2", "linf"):
+        for defense in sorted(set(acc["defense"])):
+            curve = worst_curve(acc, "mnist5k", defense, norm)
+            attacks = acc[(acc["defense"] == defense) & (acc["norm"] == norm) & (acc["attack"] != WORST)]
+            for eps, group in attacks.groupby("eps"):
+                point = curve[np.isclose(curve["eps"], eps)]
+                assert len(point) == 1 and point["accuracy"].item() <= group["accuracy"].min() + 1e-12
+    assert plot_defense_comparison(acc, registry) is not None

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from bench.tables import (WORST, accuracy_frame, accuracy_pivot, latex_escape, to_latex, write_accuracy_tables,
+from bench.tables import (WORST, accuracy_frame, accuracy_pivot, latex_escape, to_latex, to_text, write_accuracy_tables,
                           write_table)
 from bench.tables_certified import (CERTIFIED_CAPTION, ROBUST_CAPTION, certified_frame, certified_pivot,
                                     certifier_name, robust_frame, robust_pivot)
@@ -68,7 +69,9 @@ def test_worst_case_is_the_per_example_minimum(frames):
     pgd = {r.index: r.clean_pred == r.label == r.adv_pred for r in records[("madry", "pgd_l2")]}
     cw = {r.index: r.clean_pred == r.label and r.norm > 0.5 for r in records[("madry", "cw_l2")]}
     expected = sum(pgd[i] and cw[i] for i in pgd)
-    assert acc[(acc["defense"] == "madry") & (acc["attack"] == WORST)]["correct"].item() == expected
+    madry_worst = acc[(acc["defense"] == "madry") & (acc["attack"] == WORST) & (acc["norm"] == "l2")
+                      & np.isclose(acc["eps"], 0.5)]
+    assert madry_worst["correct"].item() == expected
     assert expected < min(sum(pgd.values()), sum(cw.values()))  # the synthetic data make the AND matter
 
 
@@ -156,13 +159,26 @@ def test_latex_escapes_specials_and_aligns_numbers():
     assert latex_escape("{~}") == r"\{\textasciitilde{}\}"
 
 
-def test_accuracy_pivot_is_unchanged_for_a_single_attack():
+def test_a_single_attack_budget_still_gets_its_worst_case_column():
+    """Issue 27: the worst case exists at every budget any attack reached, equal to a lone attack's row."""
     cell = Cell("d", "undefended", "none")
     attacked = Cell("d", "undefended", "pgd_linf", norm="linf", eps=0.1)
     records = [Record(i, 1, 1, int(i % 2), 0.1, None, 0.0, 1) for i in range(4)]
     wide = accuracy_pivot(accuracy_frame([(cell, records), (attacked, records)], {}))
-    assert list(wide.columns) == ["dataset", "defense", "n", "clean", "pgd_linf linf=0.1"]
+    assert list(wide.columns) == ["dataset", "defense", "n", "clean", "pgd_linf linf=0.1", f"{WORST} linf=0.1"]
     assert wide["pgd_linf linf=0.1"].item().startswith("50.0 [")
+    assert wide[f"{WORST} linf=0.1"].item() == wide["pgd_linf linf=0.1"].item()
+
+
+def test_worst_case_is_at_every_attacked_budget_and_never_above_an_attack(frames):
+    """Every (defense, norm, eps) that any attack reached has a worst-case row, at or below each attack there."""
+    acc = frames["accuracy"]
+    attacked = acc[(acc["norm"] != "") & (acc["attack"] != WORST)]
+    for (defense, norm, eps), group in attacked.groupby(["defense", "norm", "eps"]):
+        worst = acc[(acc["defense"] == defense) & (acc["attack"] == WORST) & (acc["norm"] == norm)
+                    & np.isclose(acc["eps"], eps)]
+        assert len(worst) == 1, (defense, norm, eps)
+        assert worst["correct"].item() <= group["correct"].min()
 
 
 def test_overhead_hides_draw_columns_no_defense_measured(frames):
@@ -170,3 +186,19 @@ def test_overhead_hides_draw_columns_no_defense_measured(frames):
     columns = list(overhead_pivot(deterministic).columns)
     assert "predict s/img @1" in columns and "predict s/img @1000" not in columns
     assert "certify s/img" in columns  # the convex defense certifies
+
+
+def test_terminal_text_wraps_wide_tables_by_column_blocks():
+    """Issue 27: the smoke accuracy table printed 799 characters wide; blocks repeat the key columns."""
+    wide = pd.DataFrame({"dataset": ["mnist"] * 2, "defense": ["undefended", "pixeldp_L0.1"], "n": [200, 100]}
+                        | {f"attack_{i} l2={i}": ["97.5 [94.3, 99.2]", "-"] for i in range(12)})
+    text = to_text(wide, width=100)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 100
+    headers = [line for line in lines if line.startswith("dataset")]
+    assert len(headers) > 1 and all(h.split()[:3] == ["dataset", "defense", "n"] for h in headers)
+    # Every value column is shown exactly once, in order.
+    shown = [c for h in headers for c in re.findall(r"attack_\d+ l2=\d+", h)]
+    assert shown == [c for c in wide.columns if c.startswith("attack_")]
+    narrow = wide.iloc[:, :5]
+    assert to_text(narrow, width=100) == narrow.to_string(index=False) + "\n"

@@ -99,3 +99,19 @@ def test_bad_user_model_params(user_package, tmp_path, params, message):
         'factory = "my_models:build", weights = "x", factory_kwargs = { hidden = 16 }', params)
     with pytest.raises(ConfigError, match=message):
         checked(text, tmp_path)
+
+
+def test_user_model_takes_a_registered_arch_as_the_readme_says(tmp_path, capsys):
+    """Issue 27: "every defense takes factory ... (or arch)" failed for user_model; neither is one line."""
+    factory_line = 'factory = "my_models:build", weights = "x", factory_kwargs = { hidden = 16 }'
+    text = profile_text("x").replace(factory_line, 'arch = "cnn_small", steps = 20')
+    path = tmp_path / "arch.toml"
+    path.write_text(text)
+    assert main(["run", str(path), "--results", str(tmp_path / "r"), "--quiet"]) == 0
+    frame = pd.read_csv(next((tmp_path / "r").glob("arch-*/accuracy_under_attack.csv")))
+    assert frame[frame.attack == "clean"].n.item() == 30
+    path.write_text(text.replace('arch = "cnn_small", ', ""))
+    capsys.readouterr()
+    assert main(["run", str(path), "--results", str(tmp_path / "r"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "user_model needs factory" in err[0] and "or arch" in err[0]

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tvd
 from torchvision import transforms
 
+from bench.atomic import is_disk_error
 from bench.data import DatasetError, DatasetSpec, register_dataset, safe_pickle
 from bench.data.augment import horizontal_flip, pad_crop_flip
 
@@ -71,7 +72,16 @@ def _load(name: str, files: list[Path], probe: Callable[[Path], None], build: Ca
                            f"({type(exc).__name__}: {exc}); check the files or fetch them again") from exc
 
 
+def _how(download: bool, by_hand: str) -> str:
+    """How to provide missing files: --download when it was not given; once it was, the network or `by_hand`."""
+    if download:
+        return f"Check the network connection and run again, or {by_hand}."
+    return f"Run with --download to let torchvision fetch it, or {by_hand}."
+
+
 def _download_failed(name: str, exc: BaseException, how: str) -> DatasetError:
+    if is_disk_error(exc):  # the data root refused the files: the network is not the problem
+        how = "Free disk space (or make the data root writable) and run again."
     return DatasetError(f"dataset {name!r}: download failed ({type(exc).__name__}: {exc}). {how}")
 
 
@@ -91,8 +101,7 @@ def _idx_loader(name: str, cls: type[tvd.MNIST], url: str) -> Callable[[str, Pat
     """A loader of torchvision's MNIST layout (root/<cls.__name__>/raw/*-ubyte) for `cls` (MNIST or a subclass)."""
     def load(split: str, root: Path, download: bool) -> ImageTensorDataset:
         folder = root / cls.__name__ / "raw"  # torchvision's raw_folder
-        how = (f"Run with --download to let torchvision fetch it, or download the four *-ubyte.gz files from "
-               f"{url} and gunzip them into {folder}.")
+        how = _how(download, f"download the four *-ubyte.gz files from {url} and gunzip them into {folder}")
         if download:
             try:
                 cls(str(root), train=True, download=True)
@@ -176,7 +185,7 @@ def _read_cifar(folder: Path, cls: type[tvd.CIFAR10], split: str) -> SimpleNames
 def _cifar_loader(name: str, cls: type[tvd.CIFAR10], url: str) -> Callable[[str, Path, bool], ImageTensorDataset]:
     def load(split: str, root: Path, download: bool) -> ImageTensorDataset:
         folder = root / cls.base_folder
-        how = f"Run with --download to let torchvision fetch it, or download {url} and extract it into {root}."
+        how = _how(download, f"download {url} and extract it into {root}")
         if download:
             try:
                 cls(str(root), train=True, download=True)
@@ -222,8 +231,7 @@ def load_svhn(split: str, root: Path, download: bool) -> ImageTensorDataset:
     """SVHN 73,257 train / 26,032 test digits (no 'extra' split) from root/svhn/*_32x32.mat; label 10 -> 0."""
     folder = root / "svhn"
     filename = f"{split}_32x32.mat"
-    how = (f"Run with --download to let torchvision fetch it, or download "
-           f"http://ufldl.stanford.edu/housenumbers/{filename} into {folder}.")
+    how = _how(download, f"download http://ufldl.stanford.edu/housenumbers/{filename} into {folder}")
     if download:
         try:
             _SVHN(str(folder), split=split, download=True)
