@@ -39,7 +39,7 @@ def test_report_regenerates_everything_from_the_store(tmp_path, capsys):
         for suffix in ("png", "pdf"):
             assert (folder / "figures" / f"{figure}.{suffix}").stat().st_size > 1000
     assert "Certified accuracy" in out and "Robust precision" in out and "Overhead" in out
-    assert "Test CPU (1 threads)" in " ".join(out.split())  # the machine (the caption is wrapped) the overhead was measured on
+    assert "Test CPU (1 threads)" in " ".join(out.split())  # the overhead's machine, in the wrapped caption
 
     info = json.loads((folder / "run.json").read_text())
     assert info["settings"] == SETTINGS and info["environment"]["device_name"] == "Test CPU (1 threads)"
