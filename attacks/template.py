@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bench.errors import UserError
 from bench.registry import ATTACKS, Registry
 from bench.types import NORMS, ThreatModel
 
@@ -35,7 +36,7 @@ __all__ = ["AttackOutputError", "Contract", "templated", "register_attack", "wit
 Algorithm = Callable[..., torch.Tensor]
 
 
-class AttackOutputError(RuntimeError):
+class AttackOutputError(UserError, RuntimeError):
     """A templated attack returned a finite output outside its ball or the [0, 1] box: a bug in the attack."""
 
 

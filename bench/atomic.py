@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.errors import UserError
+
 __all__ = ["RERUN", "OutputWriteError", "advice", "atomic_path", "is_disk_error", "write_bytes", "write_text"]
 
 RERUN = "re-run the same command"
@@ -16,7 +18,7 @@ _FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG)
 _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-class OutputWriteError(RuntimeError):
+class OutputWriteError(UserError, RuntimeError):
     """A file the harness writes could not be written (disk full, permissions, read-only); the target is untouched."""
 
     def __init__(self, path: Path, error: OSError, fix: str = RERUN):

@@ -12,26 +12,23 @@ import torch
 
 from bench.atomic import OutputWriteError, advice, write_text
 from bench.config import ConfigError, Profile, load_profile, shipped_profiles
-from bench.data import REPO_ROOT, DatasetError
+from bench.data import REPO_ROOT
 from bench.environment import environment
-from bench.plugins import PluginError, load_plugins, loaded_plugins, run_plugins
+from bench.errors import UserError
+from bench.plugins import load_plugins, loaded_plugins, run_plugins
 from bench.preflight import check_inputs
-from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError
+from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.report import write_report
-from attacks.template import AttackOutputError  # a (plugin) attack's own output check: a one-line error too
 from bench.ray_executor import RaySettings, check_settings, execute_ray, import_ray
-from bench.runner import AttackContractError, IncompleteCellError, RunOptions, execute, keyed
+from bench.runner import RunOptions, execute, keyed
 from bench.speed import AUTOCAST_CHOICES, SpeedError, check_device, configure_backends
 from bench.store import Store, StoreError
-from bench.subbatch import SubBatchMemoryError
 from bench.training import LoaderOptions
 from bench.table_registry import tables
 from bench.zoo import describe as describe_zoo
 
-__all__ = ["STORE_NAME", "USER_ERRORS", "build_parser", "main"]
+__all__ = ["STORE_NAME", "build_parser", "main"]
 
-USER_ERRORS = (ConfigError, UnknownNameError, StoreError, DatasetError, AttackContractError, AttackOutputError,
-               FloatingPointError, OutputWriteError, IncompleteCellError, PluginError, SubBatchMemoryError)
 STORE_NAME = "store.sqlite"
 
 
@@ -432,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         load_plugins()  # built-ins and installed entry-point plugins, before any name is looked up
         return args.func(args)
-    except USER_ERRORS as exc:
+    except UserError as exc:  # exactly the errors a user can fix; anything else is a bug and keeps its traceback
         print(f"pixeldp-bench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from bench.errors import UserError
 from bench.keys import RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_attack_params, resolve_defense_params
 from bench.plugins import load_plugins
 from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
@@ -29,7 +30,7 @@ DEFAULT_THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A malformed profile; the message names the offending key and the fix."""
 
 

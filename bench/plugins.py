@@ -16,6 +16,7 @@ import importlib.metadata
 from collections.abc import Iterable
 from typing import Any
 
+from bench.errors import UserError
 from bench.registry import load_builtins
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginError", "load_plugins", "loaded_plugins", "run_plugins"]
@@ -27,7 +28,7 @@ _LOADED: dict[str, str] = {}
 _entry_points_loaded = False
 
 
-class PluginError(RuntimeError):
+class PluginError(UserError, RuntimeError):
     """A plugin that cannot be imported (or is named wrongly); the message names it and the fix."""
 
 

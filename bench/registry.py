@@ -9,13 +9,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bench.errors import UserError
+
 __all__ = ["AttackInfo", "DefenseInfo", "ModelInfo", "Registry", "RegistrationError", "UnknownNameError",
            "DATASETS", "DEFENSES", "ATTACKS", "MODELS", "NORMS", "load_builtins"]
 
 NORMS = ("l1", "l2", "linf")
 
 
-class RegistrationError(ValueError):
+class RegistrationError(UserError, ValueError):
     """A registration with missing, unknown or ill-typed metadata, or an object that breaks its kind's contract."""
 
 
@@ -215,7 +217,7 @@ class Registry:
         return name in self._objects
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UserError, KeyError):
     """An unknown registry name; str() is the plain message, not KeyError's quoted repr."""
 
     def __str__(self) -> str:

@@ -20,6 +20,7 @@ from bench.checks import probe_gradients
 from bench.data import data_root as resolve_data_root
 from bench.data import gather, load_split, select_examples
 from bench.defense import CertifiedDefense, Defense
+from bench.errors import UserError
 from bench.overhead import DRAWS, measure_prediction
 from bench.registry import ATTACKS, DATASETS, DEFENSES, AttackInfo
 from bench.keys import cell_code, keyed, model_code, params_digest
@@ -34,7 +35,7 @@ __all__ = ["RunOptions", "Runner", "ModelPlan", "model_plan", "finished_cell", "
            "keyed", "cell_seed", "AttackContractError", "IncompleteCellError"]
 
 
-class AttackContractError(RuntimeError):
+class AttackContractError(UserError, RuntimeError):
     """An attack returned something the harness cannot accept (outside the ball or box, NaN, shape)."""
 
 
@@ -84,7 +85,7 @@ def cell_seed(key: str) -> int:
     return derive_seed(key)
 
 
-class IncompleteCellError(RuntimeError):
+class IncompleteCellError(UserError, RuntimeError):
     """A cell produced fewer records than it has examples; it is not stored."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.errors import UserError
 from bench.registry import DefenseInfo
 
 __all__ = ["AUTOCAST_DTYPES", "SpeedError", "speed_settings", "speed_applies", "cell_speed", "apply_speed",
@@ -30,7 +31,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16}
 AUTOCAST_CHOICES = ("none", *AUTOCAST_DTYPES)
 
 
-class SpeedError(ValueError):
+class SpeedError(UserError, ValueError):
     """A speed setting that is malformed or cannot run on the chosen device; the message says the fix."""
 
 

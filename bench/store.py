@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from bench.checksums import RECORD_COLUMNS, cell_checksum, run_checksum
+from bench.errors import UserError
 from bench.types import Cell, Record
 
 __all__ = ["ClaimOwner", "DamagedCellError", "Store", "StoreError"]
@@ -54,7 +55,7 @@ T = TypeVar("T")
 SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The results store cannot be read or written; the message says which file and what to do."""
 
     def __init__(self, message: str, detail: str | None = None):

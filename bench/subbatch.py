@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bench.draws import noise_split
+from bench.errors import UserError
 
 __all__ = ["SubBatchMemoryError", "SubBatches", "RandomState", "is_out_of_memory", "halvings", "fit_rows",
            "free_bytes", "attack_row_bytes", "noisy_row_bytes", "rows_within", "FREE_FRACTION", "CHUNK_FREE_FRACTION"]
@@ -37,7 +38,7 @@ CHUNK_FREE_FRACTION = 0.5
 _ALLOCATION_FAILURES = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUDA out of memory")
 
 
-class SubBatchMemoryError(RuntimeError):
+class SubBatchMemoryError(UserError, RuntimeError):
     """Not even one example fits the device's memory."""
 
 

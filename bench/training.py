@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from bench.data import dataset_size, gather
 from bench.defense import Defense
+from bench.errors import UserError
 from bench.types import derive_seed
 
 __all__ = ["fit", "make_optimizer", "batches", "LoaderOptions", "CHECKPOINT_SECONDS", "LOSS_CHECK_STEPS"]
@@ -41,6 +42,11 @@ def make_optimizer(model: nn.Module,
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=0.1)
     return optimizer, scheduler
+
+
+
+class TrainingDivergedError(UserError, FloatingPointError):
+    """The training loss became NaN or inf: a setting (learning rate, noise) the user can change."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +222,7 @@ def fit(defense: Defense, model: nn.Module, train_set: Dataset, *, steps: int, s
     """Train `model` for `steps` optimizer steps with the defense's loss; returns the loss curve.
 
     Losses stay on the device and are checked every LOSS_CHECK_STEPS steps, before every
-    checkpoint and at the end: a NaN or inf loss raises FloatingPointError naming its step, and
+    checkpoint and at the end: a NaN or inf loss raises TrainingDivergedError naming its step, and
     no checkpoint is ever written after it (the last good one is kept: nothing is lost).
 
     Args:
@@ -281,7 +287,7 @@ def fit(defense: Defense, model: nn.Module, train_set: Dataset, *, steps: int, s
 def _check_losses(pending: list[tuple[int, torch.Tensor]], losses: list[float]) -> None:
     """Move the pending (step, loss) pairs to `losses` as floats, with one device sync for all of them.
 
-    Raises FloatingPointError at the first NaN or inf, naming its step (as a per-step check would).
+    Raises TrainingDivergedError at the first NaN or inf, naming its step (as a per-step check would).
     """
     if not pending:
         return
@@ -290,5 +296,5 @@ def _check_losses(pending: list[tuple[int, torch.Tensor]], losses: list[float]) 
     pending.clear()
     for step, value in zip(steps, values, strict=True):
         if not math.isfinite(value):
-            raise FloatingPointError(f"training loss became {value} at step {step}; lower the learning rate")
+            raise TrainingDivergedError(f"training loss became {value} at step {step}; lower the learning rate")
     losses.extend(values)

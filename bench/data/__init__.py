@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from bench.errors import UserError
 from bench.registry import DATASETS
 
 __all__ = ["REPO_ROOT", "DatasetError", "DatasetSpec", "data_root", "dataset_labels", "dataset_size", "gather",
@@ -17,7 +18,7 @@ __all__ = ["REPO_ROOT", "DatasetError", "DatasetSpec", "data_root", "dataset_lab
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class DatasetError(RuntimeError):
+class DatasetError(UserError, RuntimeError):
     """A dataset that is missing, corrupt or malformed; the message says how to fix it."""
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.errors import UserError
 from bench.models import ImageClassifier, Normalize
 from bench.precision import exact_float32
 
@@ -18,7 +19,7 @@ CHUNK_BYTES = 2 ** 28
 _TINY = 1e-12  # guards u - l and square roots against 0 (only ever loosens a bound)
 
 
-class BoundError(ValueError):
+class BoundError(UserError, ValueError):
     """A network, dtype or context the bound code cannot handle soundly."""
 
 
