@@ -5,222 +5,43 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-
-from bench.atomic import OutputWriteError, advice, write_text
-from bench.config import ConfigError, Profile, load_profile, shipped_profiles
-from bench.data import REPO_ROOT
-from bench.environment import environment
+from bench.api import STORE_NAME, default_results_dir, load_run_plugins, run_profile
+from bench.atomic import advice, write_text
+from bench.config import shipped_profiles
 from bench.errors import UserError
-from bench.plugins import load_plugins, loaded_plugins, run_plugins
-from bench.preflight import check_inputs
+from bench.plugins import load_plugins, loaded_plugins
 from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.report import write_report
-from bench.ray_executor import RaySettings, check_settings, execute_ray, import_ray
-from bench.runner import RunOptions, execute, keyed
-from bench.speed import AUTOCAST_CHOICES, SpeedError, check_device, configure_backends
+from bench.speed import AUTOCAST_CHOICES
 from bench.store import Store, StoreError
-from bench.training import LoaderOptions
 from bench.table_registry import tables
 from bench.zoo import describe as describe_zoo
 
-__all__ = ["STORE_NAME", "build_parser", "main"]
-
-STORE_NAME = "store.sqlite"
+__all__ = ["STORE_NAME", "build_parser", "default_results_dir", "main"]
 
 
-def default_results_dir() -> Path:
-    """$PIXELDP_BENCH_RESULTS, else the checkout's results/ folder, else a per-user data folder."""
-    env = os.environ.get("PIXELDP_BENCH_RESULTS")
-    if env:
-        return Path(env).expanduser().resolve()
-    if (REPO_ROOT / "pyproject.toml").exists():
-        return REPO_ROOT / "results"
-    return Path.home() / ".local" / "share" / "pixeldp-bench" / "results"
+def _say(text: str) -> None:
+    print(text, end="", flush=True)
 
 
-def pick_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available; otherwise cpu, cuda, cuda:N or mps."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
-
-
-def results_folder(args: argparse.Namespace, write: bool) -> Path:
-    """--results (or the default), checked: a folder, and writable when `write`."""
-    results = Path(args.results).expanduser().resolve() if args.results else default_results_dir()
-    if results.exists() and not results.is_dir():
-        raise ConfigError(f"--results {results} is a file, not a folder; pass a folder")
-    if write:
-        probe_target = results if results.exists() else next(p for p in results.parents if p.exists())
-        if not os.access(probe_target, os.W_OK):
-            raise ConfigError(f"results folder {probe_target} is not writable; pass --results to a writable folder "
-                              "(report and compare still read this one)")
-    return results
-
-
-def new_run_folder(results: Path, profile: str) -> tuple[str, Path]:
-    """(run id, its folder) for <profile>-<UTC timestamp>, suffixed -2, -3, ... when taken.
-
-    The folder is created atomically, so two runs started in the same second get different ids.
-    """
-    base = f"{profile}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-    for n in range(1, 10_000):
-        run_id = base if n == 1 else f"{base}-{n}"
-        try:
-            results.mkdir(parents=True, exist_ok=True)
-            (results / run_id).mkdir()
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise OutputWriteError(results / run_id, exc) from exc
-        return run_id, results / run_id
-    raise ConfigError(f"cannot find a free run folder name under {results}")
-
-
-def _check_speed(profile: Profile, device: torch.device) -> None:
-    """bench.speed's settings must fit the device (bf16 autocast needs CUDA): a one-line error otherwise."""
-    try:
-        check_device(profile.speed, device)
-    except SpeedError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _device_settings(args: argparse.Namespace, profile: Profile, device: torch.device) -> None:
-    """--loader-workers and --cudnn-benchmark over the profile's values; cuDNN switched on the device."""
-    if args.loader_workers is not None:
-        profile.loader_workers = args.loader_workers
-    profile.cudnn_benchmark = profile.cudnn_benchmark or args.cudnn_benchmark
-    configure_backends(device, profile.cudnn_benchmark)
-
-
-def check_run_options(args: argparse.Namespace) -> None:
-    """The numbers given to `run`, checked before anything is loaded, registered or written."""
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    if args.loader_workers is not None and args.loader_workers < 0:
-        raise ConfigError(f"--loader-workers must be at least 0, got {args.loader_workers}")
-    if args.checkpoint_every is not None and not args.checkpoint_every > 0:  # NaN is refused too
-        raise ConfigError(f"--checkpoint-every must be a positive number of seconds, got {args.checkpoint_every:g}")
+def _log(message: str) -> None:
+    print(message, flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    check_run_options(args)
-    profile = load_profile(args.profile, examples=args.examples, seed=args.seed, max_steps=args.max_steps,
-                           max_draws=args.max_draws, autocast=args.autocast,
-                           channels_last=True if args.channels_last else None, only_datasets=args.datasets)
-    device = pick_device(args.device) if args.executor == "local" else worker_device_name(args.device)
-    if args.executor == "local" or args.device == "cpu":
-        _check_speed(profile, device)  # Ray workers check their own device (the driver may have no GPU)
-    # Weights, factories and data splits (and the examples they hold), before anything is written.
-    profile = check_inputs(profile, args)
-    if args.batch_size is not None:
-        profile.batch_size = args.batch_size
-    _device_settings(args, profile, device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    ray_flags = (args.ray_address, args.ray_workers, args.cpus_per_task, args.gpus_per_task,
-                 args.ray_ship_models or None)
-    ray = ray_settings(args, profile) if args.executor == "ray" or any(v is not None for v in ray_flags) else None
-    cells = keyed(profile.cells)
-    if args.dry_run:
-        return dry_run(args, cells)
-    results = results_folder(args, write=True)
-    if args.max_steps == 0:
-        print("pixeldp-bench: warning: --max-steps 0 trains nothing: every model is evaluated untrained",
-              file=sys.stderr)
-    if profile.seed_source == "os":
-        print(f"seed {profile.seed} (drawn from the OS; pass --seed {profile.seed} to repeat this run)")
-    store = Store(results / STORE_NAME)
-    run_id, run_dir = new_run_folder(results, profile.name)
-    settings = profile.settings() | {"examples": args.examples, "max_steps": args.max_steps,
-                                     "max_draws": args.max_draws, "only_datasets": args.datasets,
-                                     "profile_source": profile.source,
-                                     # Resolved values (the overrides above may be None): seeds and subset sizes.
-                                     "seeds": sorted({c.seed for c in profile.cells}),
-                                     "examples_per_cell": sorted({c.examples for c in profile.cells})}
-    store.start_run(run_id, profile.name, settings, environment(device), cells)
-    print(f"run {run_id}: {len(cells)} cells on {device}; results in {run_dir}", flush=True)
-    options = RunOptions(results_dir=results, device=device, data_root=args.data_root, download=args.download,
-                         batch_size=profile.batch_size,
-                         # Bars only on a terminal: redirected to a log file they are thousands of \r lines.
-                         progress=not args.quiet and sys.stderr.isatty(), max_draws=args.max_draws,
-                         overhead_draws=tuple(profile.overhead_draws),
-                         loader=LoaderOptions(workers=profile.loader_workers, pin_memory=profile.pin_memory),
-                         log=(lambda message: None) if args.quiet else (lambda message: print(message, flush=True)))
-    if args.checkpoint_every is not None:
-        options.checkpoint_seconds = args.checkpoint_every
-    with advice("re-run the same command: finished cells are kept in the store"):
-        if args.executor == "ray":
-            assert ray is not None
-            counts = execute_ray(cells, store, options, ray)
-        else:
-            counts = execute(cells, store, options)
-        print(f"{counts['run']} cell(s) computed, {counts['skipped']} reused from the store", flush=True)
-        report = write_report(store, run_id, run_dir)
-    print(report["text"], end="")
-    print(f"tables written to {run_dir}")
-    store.close()
+    run_profile(args.profile, results=args.results, data_root=args.data_root, download=args.download,
+                weights_root=args.weights_root, device=args.device, executor=args.executor, seed=args.seed,
+                examples=args.examples, max_steps=args.max_steps, max_draws=args.max_draws, datasets=args.datasets,
+                batch_size=args.batch_size, threads=args.threads, checkpoint_every=args.checkpoint_every,
+                loader_workers=args.loader_workers, cudnn_benchmark=args.cudnn_benchmark, autocast=args.autocast,
+                channels_last=args.channels_last, ray_address=args.ray_address, ray_workers=args.ray_workers,
+                cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
+                ray_ship_models=args.ray_ship_models, dry_run_only=args.dry_run,
+                # Bars only on a terminal: redirected to a log file they are thousands of \r lines.
+                progress=not args.quiet and sys.stderr.isatty(), say=_say, log=None if args.quiet else _log)
     return 0
-
-
-def worker_device_name(name: str) -> torch.device:
-    """With Ray the device is chosen on each worker: only the name is checked here (the driver may have no GPU)."""
-    if name == "auto":
-        return torch.device("cpu")  # what the driver records; each worker picks its own
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {name!r} is not supported with --executor ray; use auto, cpu or cuda")
-    # The driver records its own hardware; a GPU-less head node still sends cells to GPU workers.
-    return device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
-
-
-def ray_settings(args: argparse.Namespace, profile: Profile) -> RaySettings:
-    """Ray settings from the command line, then the profile's [run] keys, then defaults (checked)."""
-    if args.executor != "ray":
-        raise ConfigError("--ray-address, --ray-workers, --ray-ship-models, --cpus-per-task and --gpus-per-task need "
-                          "--executor ray")
-    cpus = args.cpus_per_task if args.cpus_per_task is not None else profile.cpus_per_task
-    gpus = args.gpus_per_task if args.gpus_per_task is not None else profile.gpus_per_task
-    settings = RaySettings(address=args.ray_address, workers=args.ray_workers,
-                           cpus_per_task=1.0 if cpus is None else cpus, gpus_per_task=gpus,
-                           plugins=run_plugins({"profile_source": profile.source}), device=args.device,
-                           ship_models=args.ray_ship_models, cudnn_benchmark=profile.cudnn_benchmark)
-    check_settings(settings)
-    if args.executor == "ray":
-        import_ray()  # refuse before anything is written when the extra is missing
-    return settings
-
-
-def dry_run(args: argparse.Namespace, cells) -> int:
-    """Print, per cell, whether it would be computed or reused and why; writes nothing."""
-    from bench.dryrun import explain, format_plan
-
-    results = results_folder(args, write=False)
-    store = Store(results / STORE_NAME, readonly=True) if (results / STORE_NAME).is_file() else None
-    print(format_plan(explain(cells, store)), end="")
-    return 0
-
-
-def load_run_plugins(store: Store, run_id: str) -> None:
-    """Import the `[run] plugins` a stored run was computed with: its tables read their registry entries."""
-    load_plugins(run_plugins(store.run_info(run_id)["settings"]))
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -283,7 +104,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from bench.compare import compare_runs, format_comparison, missing_from_new, only_common, open_run
+    from bench.compare import (check_complete, compare_runs, format_comparison, missing_from_new, only_common,
+                               open_run)
     from bench.tables import write_table
 
     results = Path(args.results).resolve() if args.results else default_results_dir()
@@ -291,13 +113,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for store, run_id in (base, new):
         load_run_plugins(store, run_id)
     for role, (store, run_id) in (("base", base), ("new", new)):
-        missing = store.missing_cells(run_id)
-        if missing:
-            names = "; ".join(f"{c.defense_label} x {c.attack_label}" + ("" if c.eps is None else f"@{c.eps:g}")
-                              for _, c in missing[:5])
-            raise StoreError(f"{role} run {run_id} is incomplete: {len(missing)} cell(s) missing ({names}"
-                             f"{'; ...' if len(missing) > 5 else ''}); finish it by re-running its profile, "
-                             "then compare")
+        check_complete(role, store, run_id)
     frame, notes = compare_runs(base, new, tolerance=args.tolerance, alpha=args.alpha, correction=args.correction,
                                 robust_thresholds=args.robust_thresholds)
     print(f"base {base[1]} ({base[0].path}) vs new {new[1]} ({new[0].path}); tolerance {args.tolerance:g}, "

@@ -58,6 +58,17 @@ def open_run(spec: str, results: Path) -> tuple[Store, str]:
     return store, runs[-1]
 
 
+def check_complete(role: str, store: Store, run_id: str) -> None:
+    """Refuse to compare a run with cells missing (killed or failed): its tables would lack them."""
+    missing = store.missing_cells(run_id)
+    if missing:
+        names = "; ".join(f"{c.defense_label} x {c.attack_label}" + ("" if c.eps is None else f"@{c.eps:g}")
+                          for _, c in missing[:5])
+        raise StoreError(f"{role} run {run_id} is incomplete: {len(missing)} cell(s) missing ({names}"
+                         f"{'; ...' if len(missing) > 5 else ''}); finish it by re-running its profile, "
+                         "then compare")
+
+
 def run_outcomes(store: Store, run_id: str, robust_thresholds=DEFAULT_ROBUST_THRESHOLDS) -> Outcomes:
     """Every per-example binary outcome behind the registered tables that have them (bench.table_registry):
     accuracy (and worst case), certified accuracy at each T, robust recall at each (L_attack, T), ..."""

@@ -1,0 +1,30 @@
+"""pixeldp-bench's Python API: `run` a profile, `load_run` a stored run, read its tables as pandas DataFrames.
+
+    import pixeldp_bench
+    run = pixeldp_bench.run("smoke", seed=0)
+    run.tables["accuracy"]
+
+`run`, `load_run` and `Run` are imported on first use: `import pixeldp_bench` alone loads no torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bench.errors import UserError
+
+if TYPE_CHECKING:
+    from pixeldp_bench.api import run
+    from pixeldp_bench.runs import Run, load_run
+
+__all__ = ["Run", "UserError", "load_run", "run"]
+
+_LAZY = {"run": "pixeldp_bench.api", "load_run": "pixeldp_bench.runs", "Run": "pixeldp_bench.runs"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'pixeldp_bench' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
