@@ -3,22 +3,20 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
+import pixeldp_bench
 from bench.baseline import export_run, load_export
 from bench.cli import main
 from bench.compare import (Outcomes, compare_outcomes, holm, missing_from_new, only_common, open_run, paired_test,
                            run_outcomes)
 from bench.data import REPO_ROOT
-from bench.config import parse_profile
-from bench.environment import environment
-from bench.runner import RunOptions, execute, keyed
 from bench.store import Store
 from synthetic_runs import fill_store
 
@@ -38,16 +36,9 @@ params = {{ steps = 5 }}
 """
 
 
-def run_tiny(results: Path, steps: int) -> str:
-    """Run the tiny profile (undefended CNN trained for `steps` steps) into `results`; returns the run id."""
-    profile = parse_profile(TINY.format(steps=steps), "tiny")
-    store = Store(results / "store.sqlite")
-    cells = keyed(profile.cells)
-    run_id = f"tiny-{steps}"
-    store.start_run(run_id, profile.name, profile.settings(), environment(torch.device("cpu")), cells)
-    execute(cells, store, RunOptions(results_dir=results, progress=False, log=lambda message: None))
-    store.close()
-    return run_id
+def run_tiny(results: Path, steps: int) -> Path:
+    """Run the tiny profile (undefended CNN trained for `steps` steps) into `results`; returns the run's folder."""
+    return pixeldp_bench.run(tomllib.loads(TINY.format(steps=steps)), results=results, quiet=True).folder
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +47,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for name, steps in (("base", 100), ("rerun", 100), ("weak", 2)):
         results = tmp_path_factory.mktemp(name)
-        folders[name] = results / run_tiny(results, steps)
+        folders[name] = run_tiny(results, steps)
     return folders
 
 
