@@ -40,7 +40,8 @@ def test_editing_pgd_recomputes_exactly_the_cells_that_run_pgd_code(monkeypatch)
     assert not any(cells[i].attack == "none" and cells[i].defense != "madry" for i in changed)
 
 
-@pytest.mark.parametrize("edited", ["bench/cli.py", "bench/report.py", "bench/plots.py", "bench/compare.py"])
+@pytest.mark.parametrize("edited", ["bench/cli.py", "bench/api.py", "bench/toml_text.py", "bench/report.py",
+                                    "bench/plots.py", "bench/compare.py", "pixeldp_bench/runs.py"])
 def test_editing_reporting_code_recomputes_nothing(monkeypatch, edited):
     assert _changed_keys(monkeypatch, load_profile("smoke").cells, edited) == set()
 
