@@ -49,6 +49,12 @@ class Run:
             load_run_plugins(self._store, self.run_id)  # tables read the registry entries of the run's plugins
         return self._store
 
+    def close(self) -> None:
+        """Close the store's connection (reopened, read-only, on the next use)."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
     @property
     def folder(self) -> Path:
         """The run's report folder (tables, figures, run.json, checks.txt)."""
@@ -62,7 +68,7 @@ class Run:
     def tables(self) -> dict[str, pd.DataFrame]:
         """Every registered table's long frame by table name ("accuracy", "certified", ...), the frame its CSV
         holds (`frame.to_csv(index=False, float_format="%.6g")` is the file); empty where the report writes none."""
-        return {name: self._frames[name] for name, _ in tables()}
+        return {name: self._frames[name].copy() for name, _ in tables()}  # copies: the next call is unchanged
 
     @property
     def records(self) -> pd.DataFrame:

@@ -110,6 +110,7 @@ def test_load_run_reopens_a_run_read_only(runs, tmp_path):
         assert again.run_id == api.run_id and again.store.readonly
         for name in again.tables:
             pd.testing.assert_frame_equal(again.tables[name], api.tables[name])
+        again.close()
     assert load_run(runs["cli"].results).run_id == runs["cli"].run_id  # the latest run
     paths = load_run(api.folder).write_report(tmp_path)
     for name in ("accuracy_under_attack.csv", "checks.txt"):
