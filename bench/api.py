@@ -189,19 +189,23 @@ def run_profile(profile: ProfileSpec, *, results: str | os.PathLike | None = Non
                 channels_last: bool = False, ray_address: str | None = None, ray_workers: int | None = None,
                 cpus_per_task: float | None = None, gpus_per_task: float | None = None,
                 ray_ship_models: bool = False, dry_run_only: bool = False, progress: bool = False,
+                prepare: Callable[[Profile], Profile] | None = None,
                 say: Callable[[str], None] = _print, warn: Callable[[str], None] = _print_error,
                 log: Callable[[str], None] | None = None) -> Finished | None:
     """Check, register, compute (local or Ray) and report a profile's run; None after a dry run.
 
     Every keyword is the `pixeldp-bench run` option of that name. `say` gets the lines the CLI
     prints to stdout and `warn` those it prints to stderr (each ending in a newline), `log` the
-    per-cell lines (None: none); `progress` shows progress bars.
+    per-cell lines (None: none); `progress` shows progress bars. `prepare` rewrites the read profile
+    before its inputs are checked (the Python API's in-memory models).
     """
     check_run_options(batch_size=batch_size, threads=threads, loader_workers=loader_workers,
                       checkpoint_every=checkpoint_every)
     resolved = read_profile(profile, examples=examples, seed=seed, max_steps=max_steps, max_draws=max_draws,
                             autocast=autocast, channels_last=True if channels_last else None,
                             only_datasets=datasets)
+    if prepare is not None:
+        resolved = prepare(resolved)
     run_device = pick_device(device) if executor == "local" else worker_device_name(device)
     if executor == "local" or device == "cpu":
         check_speed(resolved, run_device)  # Ray workers check their own device (the driver may have no GPU)

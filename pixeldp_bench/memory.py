@@ -1,0 +1,108 @@
+"""In-memory networks for `run(models=...)`: saved as safetensors, rebuilt by a factory, keyed by code and weights."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from bench.config import ConfigError, Profile
+from bench.weights import WeightsError
+
+__all__ = ["MEMORY_PREFIX", "build", "model_code", "name_models", "register_models", "save_weights"]
+
+MEMORY_PREFIX = "memory:"  # factory = "memory:LABEL" names a network of `models=`
+FACTORY = "pixeldp_bench.memory:build"
+
+# Skeletons by code digest, for this process only: a run in another process (Ray) cannot see them.
+_MODULES: dict[str, nn.Module] = {}
+
+
+def build(code: str) -> nn.Module:
+    """A copy of the registered network whose code digest is `code` (the weights file then fills it)."""
+    if code not in _MODULES:
+        raise WeightsError(f"no in-memory model with code {code[:12]} in this process; pass it with models=")
+    return copy.deepcopy(_MODULES[code])
+
+
+def _class_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls)
+    except (OSError, TypeError):  # defined in a notebook cell or C code: its structure (repr) still counts
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def model_code(module: nn.Module) -> str:
+    """SHA-256 of the network's code: the source of every layer's class, and its structure (repr)."""
+    classes = sorted({type(m) for m in module.modules()}, key=lambda c: (c.__module__, c.__qualname__))
+    digest = hashlib.sha256(repr(module).encode())
+    for cls in classes:
+        digest.update(_class_source(cls).encode())
+    return digest.hexdigest()
+
+
+def save_weights(module: nn.Module, folder: Path) -> Path:
+    """The module's state dict as `folder/<SHA-256>.safetensors` (written once: the name is its content's hash)."""
+    from safetensors.torch import save
+
+    # Copies: safetensors refuses shared storage (tied weights), and the file must hold plain CPU tensors.
+    state = {name: tensor.detach().to("cpu").clone().contiguous() for name, tensor in module.state_dict().items()}
+    data = save(state)
+    path = folder / f"{hashlib.sha256(data).hexdigest()}.safetensors"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(data)
+        partial.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
+def name_models(profile: Mapping[str, Any]) -> dict[str, Any]:
+    """A dict profile with each defense's `model = "LABEL"` written as `factory = "memory:LABEL"`."""
+    defenses = {}
+    for label, entry in dict(profile.get("defenses", {})).items():
+        params = dict(entry.get("params", {})) if isinstance(entry, Mapping) else None
+        if params is not None and "model" in params:
+            params["factory"] = MEMORY_PREFIX + str(params.pop("model"))
+            entry = dict(entry) | {"params": params}
+        defenses[label] = entry
+    return dict(profile) | ({"defenses": defenses} if "defenses" in profile else {})
+
+
+def register_models(profile: Profile, models: Mapping[str, nn.Module], folder: Path) -> Profile:
+    """The profile with every `memory:LABEL` factory replaced by a saved copy of `models[LABEL]` (its weights
+    file and code digest in the cell's parameters, hence in its key)."""
+    for label, module in models.items():
+        if not isinstance(module, nn.Module):
+            raise ConfigError(f"models[{label!r}] is a {type(module).__name__}, not a torch.nn.Module")
+    used = {str(c.defense_params.get("factory"))[len(MEMORY_PREFIX):] for c in profile.cells
+            if str(c.defense_params.get("factory")).startswith(MEMORY_PREFIX)}
+    missing = sorted(used - set(models))
+    if missing:
+        raise ConfigError(f"the profile uses model {missing[0]!r}, which models= does not hold; "
+                          f"pass models={{{missing[0]!r}: your_module}}")
+    unused = sorted(set(models) - used)
+    if unused:
+        raise ConfigError(f"models={{{unused[0]!r}: ...}} is used by no defense; set model = {unused[0]!r} in a "
+                          "defense's params (or factory = \"memory:" + unused[0] + "\")")
+    replaced: dict[str, dict[str, Any]] = {}
+    for label in used:
+        module = models[label]
+        code = model_code(module)
+        _MODULES[code] = copy.deepcopy(module).to("cpu").eval()
+        weights = save_weights(module, folder)
+        replaced[label] = {"factory": FACTORY, "arch": FACTORY, "factory_kwargs": {"code": code},
+                           "weights": str(weights)}
+    cells = []
+    for cell in profile.cells:
+        factory = str(cell.defense_params.get("factory"))
+        if factory.startswith(MEMORY_PREFIX):
+            params = cell.defense_params | replaced[factory[len(MEMORY_PREFIX):]]
+            cell = dataclasses.replace(cell, defense_params=params)
+        cells.append(cell)
+    return dataclasses.replace(profile, cells=cells)

@@ -1,0 +1,109 @@
+"""`pixeldp_bench.run(models=...)`: in-memory networks evaluated like the same network from factory + weights files."""
+import copy
+import runpy
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import pixeldp_bench
+from bench.config import ConfigError
+from bench.table_registry import tables
+
+NETS = textwrap.dedent('''
+    from torch import nn
+
+    def mlp(hidden=16):
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+''')
+CERTIFY = {"eps": 0.05, "bound": "crown_ibp", "bisection_steps": 4, "steps": 0}
+ATTACKS = {"pgd_linf": {"eps": [0.05], "params": {"steps": 3, "random_start": False}}}
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """The module `api_nets` on sys.path, and a network it builds, with weights of its own."""
+    folder = tmp_path_factory.mktemp("nets")
+    (folder / "api_nets.py").write_text(NETS)
+    sys.path.insert(0, str(folder))
+    sys.modules.pop("api_nets", None)
+    import api_nets
+
+    torch.manual_seed(1)
+    yield folder, api_nets.mlp()
+    sys.path.remove(str(folder))
+    sys.modules.pop("api_nets", None)
+
+
+def profile(params: dict, certify: bool = True) -> dict:
+    defenses = {"mine": {"defense": "user_model", "params": params}}
+    if certify:
+        defenses["certified"] = {"defense": "wong_kolter", "params": params | CERTIFY}
+    return {"run": {"datasets": ["mnist5k"], "examples": 12, "seed": 0}, "defenses": defenses, "attacks": ATTACKS}
+
+
+def run(results: Path, prof: dict, **kwargs):
+    return pixeldp_bench.run(prof, results=results, device="cpu", quiet=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def memory_run(nets, tmp_path_factory):
+    _, model = nets
+    return run(tmp_path_factory.mktemp("results"), profile({"model": "net"}), models={"net": model})
+
+
+def test_tables_are_the_csv_files(memory_run):
+    for name, table in tables():
+        path = memory_run.folder / f"{table.stem}.csv"
+        if path.exists():
+            assert memory_run.tables[name].to_csv(index=False, float_format="%.6g") == path.read_text(), name
+    assert set(memory_run.records["defense_label"]) == {"mine", "certified"}
+    assert (memory_run.records["radius"].dropna() > 0).any()  # the convex bounds certified something
+
+
+def test_records_equal_the_same_network_from_files(nets, memory_run, tmp_path):
+    folder, model = nets
+    weights = tmp_path / "net.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    files = run(tmp_path / "results", profile({"factory": "api_nets:mlp", "weights": str(weights), "steps": 0}))
+    columns = [c for c in memory_run.records.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(files.records[columns], memory_run.records[columns])
+
+
+def test_a_changed_weight_recomputes_and_a_copy_reuses(nets, tmp_path, capsys):
+    _, model = nets
+    prof = profile({"model": "net"}, certify=False)
+    first = pixeldp_bench.run(prof, results=tmp_path, device="cpu", progress=False, models={"net": model})
+    twin = copy.deepcopy(model)
+    pixeldp_bench.run(prof, results=tmp_path, device="cpu", progress=False, models={"net": twin})
+    assert "0 cell(s) computed, 2 reused" in capsys.readouterr().out
+    with torch.no_grad():
+        twin[1].weight[0, 0] += 1.0
+    changed = pixeldp_bench.run(prof, results=tmp_path, device="cpu", progress=False, models={"net": twin})
+    assert "2 cell(s) computed, 0 reused" in capsys.readouterr().out
+    assert len(list((tmp_path / "models" / "memory").glob("*.safetensors"))) == 2
+    assert not first.records["seconds"].equals(changed.records["seconds"])
+
+
+@pytest.mark.parametrize("params, models, message", [
+    ({"model": "other"}, {"net": None}, "models['net'] is a NoneType, not a torch.nn.Module"),
+    ({"model": "other"}, {}, "the profile uses model 'other', which models= does not hold"),
+    ({"arch": "cnn_small", "steps": 0, "weights": None}, {"net": torch.nn.Linear(1, 1)}, "is used by no defense"),
+])
+def test_bad_models_are_one_config_error_line(params, models, message, tmp_path):
+    params = {k: v for k, v in params.items() if v is not None}
+    with pytest.raises(ConfigError) as caught:
+        run(tmp_path, profile(params, certify=False), models=models)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert not list(tmp_path.glob("profile-*"))  # refused before any run folder
+
+
+def test_the_example_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIXELDP_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["evaluate_a_model.py"])
+    runpy.run_path(str(Path(__file__).parent.parent / "examples" / "evaluate_a_model.py"), run_name="__main__")
+    assert list(tmp_path.glob("profile-*/accuracy_under_attack.csv"))
