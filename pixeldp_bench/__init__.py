@@ -1,10 +1,11 @@
-"""pixeldp-bench's Python API: `run` a profile, `load_run` a stored run, read its tables as pandas DataFrames.
+"""pixeldp-bench's Python API: `run` a profile, `load_run` a stored run, read its tables as pandas DataFrames,
+`evaluate` a model on a tensor batch.
 
     import pixeldp_bench
     run = pixeldp_bench.run("smoke", seed=0)
     run.tables["accuracy"]
 
-`run`, `load_run` and `Run` are imported on first use: `import pixeldp_bench` alone loads no torch.
+`run`, `evaluate`, `load_run` and `Run` are imported on first use: `import pixeldp_bench` alone loads no torch.
 """
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from bench.errors import UserError
 
 if TYPE_CHECKING:
     from pixeldp_bench.api import run
+    from pixeldp_bench.evaluate import evaluate
     from pixeldp_bench.runs import Run, load_run
 
-__all__ = ["Run", "UserError", "load_run", "run"]
+__all__ = ["Run", "UserError", "evaluate", "load_run", "run"]
 
-_LAZY = {"run": "pixeldp_bench.api", "load_run": "pixeldp_bench.runs", "Run": "pixeldp_bench.runs"}
+_LAZY = {"run": "pixeldp_bench.api", "evaluate": "pixeldp_bench.evaluate",
+         "load_run": "pixeldp_bench.runs", "Run": "pixeldp_bench.runs"}
 
 
 def __getattr__(name: str) -> Any:

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import pixeldp_bench
 from bench.config import ConfigError
+from bench.data import gather, load_split, select_examples
 from bench.table_registry import tables
 
 NETS = textwrap.dedent('''
@@ -107,3 +108,34 @@ def test_the_example_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["evaluate_a_model.py"])
     runpy.run_path(str(Path(__file__).parent.parent / "examples" / "evaluate_a_model.py"), run_name="__main__")
     assert list(tmp_path.glob("profile-*/accuracy_under_attack.csv"))
+
+
+def test_evaluate_matches_the_profile_route(nets, tmp_path):
+    _, model = nets
+    prof = profile({"model": "net"}, certify=False)
+    prof["attacks"] = {"pgd_linf": {"eps": [0.05], "params": {"steps": 3}}}  # random starts: seeded by the key
+    routed = run(tmp_path, prof, models={"net": model})
+    test = load_split("mnist5k", "test")
+    indices = select_examples(test, 12, seed=0)
+    x, y = gather(test, indices)
+    frame = pixeldp_bench.evaluate(model, x, y, attacks={"pgd_linf": {"steps": 3}}, eps=0.05, device="cpu",
+                                   results=tmp_path)
+    assert len(frame) == 2 * 12 and list(frame.columns) == list(routed.records.columns)
+    assert frame["index"].tolist() == list(range(12)) * 2
+    expected = routed.records.assign(index=frame["index"], defense_label=frame["defense_label"])
+    columns = [c for c in frame.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(frame[columns], expected[columns])
+
+
+@pytest.mark.parametrize("x, y, message", [
+    (torch.rand(2, 784), torch.zeros(2, dtype=torch.long), "x must be a non-empty batch of images (N, C, H, W)"),
+    (torch.full((2, 1, 28, 28), float("nan")), torch.zeros(2, dtype=torch.long), "x holds NaN"),
+    (torch.rand(2, 1, 28, 28) * 255, torch.zeros(2, dtype=torch.long), "x must lie in [0, 1]"),
+    (torch.rand(2, 1, 28, 28), torch.zeros(3, dtype=torch.long), "y must be integer labels of shape (2,)"),
+    (torch.rand(2, 1, 28, 28), torch.zeros(2), "y must be integer labels"),
+    (torch.rand(2, 1, 5, 5), torch.zeros(2, dtype=torch.long), "no registered dataset has images of shape"),
+])
+def test_evaluate_refuses_bad_inputs_in_one_line(nets, x, y, message, tmp_path):
+    with pytest.raises(pixeldp_bench.UserError) as caught:
+        pixeldp_bench.evaluate(nets[1], x, y, device="cpu", results=tmp_path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
