@@ -4,11 +4,11 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from bench.api import results_folder, run_profile
-from bench.config import ConfigError, Profile
+from bench.config import ConfigError
 from bench.plugins import load_plugins
 from pixeldp_bench.memory import name_models, register_models
 from pixeldp_bench.runs import Run
@@ -55,15 +55,14 @@ def run(profile: str | os.PathLike | Mapping[str, Any], *, results: str | os.Pat
         UserError: one-line problems a user can fix (bad profile, missing data, unwritable folder, ...).
     """
     load_plugins()  # built-ins and installed entry-point plugins, as the CLI loads them before any name
-    prepare: Callable[[Profile], Profile] | None = None
-    if models is not None:
-        if executor != "local":
-            raise ConfigError("models= needs executor=\"local\": other processes cannot see in-memory networks; "
-                              "save it and use factory = ... and weights = ... instead")
-        if isinstance(profile, Mapping):
-            profile = name_models(profile)
-        folder = results_folder(results, write=True) / "models" / "memory"
-        prepare = functools.partial(register_models, models=dict(models), folder=folder)
+    if models is not None and executor != "local":
+        raise ConfigError("models= needs executor=\"local\": other processes cannot see in-memory networks; "
+                          "save them and use factory = ... and weights = ... instead")
+    if isinstance(profile, Mapping):
+        profile = name_models(profile)  # model = "LABEL" -> factory = "memory:LABEL"
+    # Always: a profile naming a model that models= lacks is refused with the fix, not an import error.
+    prepare = functools.partial(register_models, models=dict(models or {}),
+                                folder=lambda: results_folder(results, write=True) / "models" / "memory")
     finished = run_profile(profile, results=results, data_root=data_root, download=download, device=device,
                            executor=executor, seed=seed, examples=examples, max_steps=max_steps, max_draws=max_draws,
                            datasets=[datasets] if isinstance(datasets, str) else datasets,

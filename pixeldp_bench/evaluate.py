@@ -99,7 +99,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                                     "params": dict(defense_params or {}) | {"factory": "memory:" + LABEL}}},
                "attacks": {a: {"eps": budgets, "params": dict(p)} for a, p in chosen.items()}}
     folder = results_folder(results, write=True)
-    resolved = register_models(read_profile(profile), {LABEL: model}, folder / "models" / "memory")
+    resolved = register_models(read_profile(profile), {LABEL: model}, lambda: folder / "models" / "memory")
     cells = [dataclasses.replace(c, defense_params=resolve_weights(c.defense_params, None)) for c in resolved.cells]
     run_device = pick_device(device)
     rows = []

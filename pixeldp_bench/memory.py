@@ -5,13 +5,14 @@ import copy
 import dataclasses
 import hashlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from bench.config import ConfigError, Profile
+from bench.fingerprint import code_fingerprint
 from bench.weights import WeightsError
 
 __all__ = ["MEMORY_PREFIX", "build", "model_code", "name_models", "register_models", "save_weights"]
@@ -38,11 +39,13 @@ def _class_source(cls: type) -> str:
 
 
 def model_code(module: nn.Module) -> str:
-    """SHA-256 of the network's code: the source of every layer's class, and its structure (repr)."""
+    """SHA-256 of the network's code: every layer's class source, the files it uses (as a factory's are
+    fingerprinted, bench.fingerprint), and its structure (repr: layer sizes and options)."""
     classes = sorted({type(m) for m in module.modules()}, key=lambda c: (c.__module__, c.__qualname__))
     digest = hashlib.sha256(repr(module).encode())
     for cls in classes:
         digest.update(_class_source(cls).encode())
+    digest.update(code_fingerprint(*classes).encode())  # helpers the forward calls, outside the class body
     return digest.hexdigest()
 
 
@@ -74,14 +77,16 @@ def name_models(profile: Mapping[str, Any]) -> dict[str, Any]:
     return dict(profile) | ({"defenses": defenses} if "defenses" in profile else {})
 
 
-def register_models(profile: Profile, models: Mapping[str, nn.Module], folder: Path) -> Profile:
+def register_models(profile: Profile, models: Mapping[str, nn.Module], folder: Callable[[], Path]) -> Profile:
     """The profile with every `memory:LABEL` factory replaced by a saved copy of `models[LABEL]` (its weights
-    file and code digest in the cell's parameters, hence in its key)."""
+    file, in `folder()`, and code digest in the cell's parameters, hence in its key)."""
+    used = {str(c.defense_params.get("factory"))[len(MEMORY_PREFIX):] for c in profile.cells
+            if str(c.defense_params.get("factory")).startswith(MEMORY_PREFIX)}
+    if not used and not models:
+        return profile  # a profile of files and registered architectures: nothing to save
     for label, module in models.items():
         if not isinstance(module, nn.Module):
             raise ConfigError(f"models[{label!r}] is a {type(module).__name__}, not a torch.nn.Module")
-    used = {str(c.defense_params.get("factory"))[len(MEMORY_PREFIX):] for c in profile.cells
-            if str(c.defense_params.get("factory")).startswith(MEMORY_PREFIX)}
     missing = sorted(used - set(models))
     if missing:
         raise ConfigError(f"the profile uses model {missing[0]!r}, which models= does not hold; "
@@ -95,7 +100,7 @@ def register_models(profile: Profile, models: Mapping[str, nn.Module], folder: P
         module = models[label]
         code = model_code(module)
         _MODULES[code] = copy.deepcopy(module).to("cpu").eval()
-        weights = save_weights(module, folder)
+        weights = save_weights(module, folder())
         replaced[label] = {"factory": FACTORY, "arch": FACTORY, "factory_kwargs": {"code": code},
                            "weights": str(weights)}
     cells = []

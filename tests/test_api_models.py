@@ -93,6 +93,8 @@ def test_a_changed_weight_recomputes_and_a_copy_reuses(nets, tmp_path, capsys):
 @pytest.mark.parametrize("params, models, message", [
     ({"model": "other"}, {"net": None}, "models['net'] is a NoneType, not a torch.nn.Module"),
     ({"model": "other"}, {}, "the profile uses model 'other', which models= does not hold"),
+    ({"model": "other"}, None, "pass models={'other': your_module}"),
+    ({"factory": "memory:other"}, None, "the profile uses model 'other', which models= does not hold"),
     ({"arch": "cnn_small", "steps": 0, "weights": None}, {"net": torch.nn.Linear(1, 1)}, "is used by no defense"),
 ])
 def test_bad_models_are_one_config_error_line(params, models, message, tmp_path):
@@ -101,6 +103,28 @@ def test_bad_models_are_one_config_error_line(params, models, message, tmp_path)
         run(tmp_path, profile(params, certify=False), models=models)
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert not list(tmp_path.glob("profile-*"))  # refused before any run folder
+
+
+def test_a_toml_profile_names_it_as_a_memory_factory(nets, memory_run, tmp_path):
+    text = textwrap.dedent('''
+        [run]
+        datasets = ["mnist5k"]
+        examples = 12
+        seed = 0
+        [defenses.mine]
+        defense = "user_model"
+        params = { factory = "memory:net" }
+        [attacks.pgd_linf]
+        eps = [0.05]
+        params = { steps = 3, random_start = false }
+    ''')
+    (tmp_path / "mine.toml").write_text(text)
+    routed = pixeldp_bench.run(tmp_path / "mine.toml", results=tmp_path / "results", device="cpu", quiet=True,
+                               models={"net": nets[1]})
+    expected = memory_run.records[memory_run.records["defense_label"] == "mine"].reset_index(drop=True)
+    columns = [c for c in expected.columns if c not in ("seconds", "radius")]  # radius: None vs NaN, both absent
+    pd.testing.assert_frame_equal(routed.records[columns], expected[columns])
+    assert routed.records["radius"].isna().all() and expected["radius"].isna().all()
 
 
 def test_the_example_runs(tmp_path, monkeypatch):
