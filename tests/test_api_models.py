@@ -163,3 +163,22 @@ def test_evaluate_refuses_bad_inputs_in_one_line(nets, x, y, message, tmp_path):
     with pytest.raises(pixeldp_bench.UserError) as caught:
         pixeldp_bench.evaluate(nets[1], x, y, device="cpu", results=tmp_path)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_code_digest_covers_the_class_source_and_the_structure():
+    from pixeldp_bench.memory import model_code
+
+    class Doubled(torch.nn.Module):
+        def __init__(self, width=4):
+            super().__init__()
+            self.fc = torch.nn.Linear(784, width)
+
+        def forward(self, x):
+            return 2 * self.fc(x.flatten(1))
+
+    class Tripled(Doubled):
+        def forward(self, x):
+            return 3 * self.fc(x.flatten(1))
+
+    assert model_code(Doubled()) == model_code(copy.deepcopy(Doubled()))
+    assert len({model_code(Doubled()), model_code(Doubled(width=5)), model_code(Tripled())}) == 3
