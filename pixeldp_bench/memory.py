@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from bench.atomic import write_bytes
 from bench.config import ConfigError, Profile
 from bench.fingerprint import code_fingerprint
 from bench.weights import WeightsError
@@ -59,9 +60,7 @@ def save_weights(module: nn.Module, folder: Path) -> Path:
     path = folder / f"{hashlib.sha256(data).hexdigest()}.safetensors"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_bytes(data)
-        partial.replace(path)  # atomic: a reader never sees half a file
+        write_bytes(path, data)  # the harness's one atomic writer: a full disk is one line, never half a file
     return path
 
 
