@@ -20,7 +20,12 @@ from bench.weights import WeightsError, call_factory, file_sha256, load_state, m
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimizer and schedule of a training run; `milestones` divide the lr by 10 (Madry et al.)."""
+    """Optimizer and schedule of a training run.
+
+    schedule 'step': `milestones` divide the lr by 10 (Madry et al. 2018). schedule 'cyclic': one
+    triangle, the lr rising linearly from 0 to `lr` over the first 2/5 of the steps and falling to 0
+    at the last (the one-cycle schedule of Wong, Rice & Kolter 2020, "Fast is better than free").
+    """
 
     steps: int = 500
     batch_size: int = 64
@@ -30,10 +35,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     milestones: tuple[int, ...] = ()
     augment: bool = True
+    schedule: str = "step"
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use 'adam' or 'sgd'")
+        if self.schedule not in ("step", "cyclic"):
+            raise ValueError(f"unknown lr schedule {self.schedule!r}; use 'step' or 'cyclic'")
+        if self.schedule == "cyclic" and self.milestones:
+            raise ValueError("milestones belong to schedule = 'step'; the cyclic schedule has none")
         if self.steps < 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("steps must be >= 0, batch_size >= 1 and lr > 0")
 

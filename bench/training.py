@@ -33,15 +33,33 @@ LOSS_CHECK_STEPS = 20
 
 def make_optimizer(model: nn.Module,
                    defense: Defense) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Adam or SGD(momentum, weight decay) with a step-wise /10 schedule at the milestones."""
+    """Adam or SGD(momentum, weight decay) with the config's lr schedule (see TrainConfig)."""
     cfg = defense.train_config
     optimizer: torch.optim.Optimizer
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=0.1)
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    if cfg.schedule == "cyclic":
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, OneCycle(cfg.steps))
+    else:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=0.1)
     return optimizer, scheduler
+
+
+class OneCycle:
+    """lr factor of step t: up linearly to 1 at 2/5 of `steps`, down linearly to 0 at `steps` (Wong et al. 2020)."""
+
+    def __init__(self, steps: int):
+        self.steps = max(1, int(steps))
+        self.peak = max(1, round(0.4 * self.steps))
+
+    def __call__(self, step: int) -> float:
+        t = step + 1  # the factor of the step about to run: never 0 at the first step
+        if t <= self.peak:
+            return t / self.peak
+        return max(0.0, (self.steps - t) / max(1, self.steps - self.peak))
 
 
 
@@ -198,7 +216,9 @@ def _noise_modules(model: nn.Module) -> list[DrawsNoise]:
 
 def _training_state(model, optimizer, scheduler, defense: Defense, step: int, losses: list[float]) -> dict[str, Any]:
     schedule = scheduler.state_dict()
-    schedule["milestones"] = dict(schedule.get("milestones", {}))  # a Counter is not a plain type
+    if "milestones" in schedule:
+        schedule["milestones"] = dict(schedule["milestones"])  # a Counter is not a plain type
+    schedule.pop("lr_lambdas", None)  # the cyclic factor is rebuilt from the config
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule,
             "step": step, "losses": torch.tensor(losses, dtype=torch.float64), "defense": defense.train_state()}
 
@@ -209,7 +229,10 @@ def _restore(state: dict[str, Any], model, optimizer, scheduler, defense: Defens
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule = dict(state["scheduler"])
-    schedule["milestones"] = Counter(schedule.get("milestones", {}))
+    if "milestones" in schedule:
+        schedule["milestones"] = Counter(schedule["milestones"])
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        schedule.setdefault("lr_lambdas", [None] * len(optimizer.param_groups))
     scheduler.load_state_dict(schedule)
     defense.load_train_state(state.get("defense") or {})
     return int(state["step"]), [float(v) for v in state["losses"]]
