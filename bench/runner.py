@@ -29,7 +29,7 @@ from bench.subbatch import SubBatches, attack_row_bytes
 from bench.trained_models import TrainedModels
 from bench.speed import apply_speed
 from bench.training import CHECKPOINT_SECONDS, LoaderOptions
-from bench.types import Cell, Record, derive_seed
+from bench.types import Cell, Record, canonical_json, derive_seed
 
 __all__ = ["RunOptions", "Runner", "ModelPlan", "model_plan", "finished_cell", "describe", "heartbeat", "execute",
            "keyed", "cell_seed", "AttackContractError", "IncompleteCellError"]
@@ -80,9 +80,13 @@ def batch_records(indices: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, ad
             for index, label, clean, adv, norm, r, t in rows]
 
 
-def cell_seed(key: str) -> int:
-    """A 63-bit seed derived from a cell key: every cell draws its own reproducible randomness."""
-    return derive_seed(key)
+def cell_seed(cell: Cell) -> int:
+    """A 63-bit seed derived from the cell's configuration (bench.keys.params_digest), not from its key.
+
+    Every cell draws its own reproducible randomness, and a change of code alone (a refactor, a
+    fingerprinted comment-free edit) keeps every draw: records then differ only where results do.
+    """
+    return derive_seed(params_digest(cell))
 
 
 class IncompleteCellError(UserError, RuntimeError):
@@ -210,7 +214,8 @@ class Runner:
             info["loaded_from_cache"] = False  # nothing to train: the model is used as built (e.g. pretrained)
         else:
             info.update(self.models.obtain(cell, defense, model, plan.path, plan.steps, plan.config))
-        defense.attach(model, torch.Generator(device=device).manual_seed(cell_seed(plan.path.name)))
+        # The model's noise is seeded by what trained it (its configuration), like the cells' draws.
+        defense.attach(model, torch.Generator(device=device).manual_seed(derive_seed(canonical_json(plan.config))))
         return defense, info
 
     def forget_defenses(self, keep: Cell | None = None) -> None:
@@ -224,10 +229,10 @@ class Runner:
         indices, x_all, y_all = self.test_examples(cell)
         certify_rows = self.certified_rows(cell, indices)
         device = self.options.device
-        # Every random draw of the cell (attack starts, the defense's noise) is seeded by its key,
-        # so its records never depend on which cells ran before it or where it runs.
-        generator = torch.Generator(device=device).manual_seed(cell_seed(key))
-        defense.reseed(derive_seed(key, "defense"))
+        # Every random draw of the cell (attack starts, the defense's noise) is seeded by its configuration,
+        # so its records never depend on which cells ran before it, where it runs, or on code edits alone.
+        generator = torch.Generator(device=device).manual_seed(cell_seed(cell))
+        defense.reseed(derive_seed(params_digest(cell), "defense"))
         certified = DEFENSES.info(cell.defense).certified
         attack_info = None if cell.attack == "none" else ATTACKS.info(cell.attack)
         # Sub-batches of at most the cell's batch size, fewer rows when the device's memory asks

@@ -137,7 +137,7 @@ def test_the_example_runs(tmp_path, monkeypatch):
 def test_evaluate_matches_the_profile_route(nets, tmp_path):
     _, model = nets
     prof = profile({"model": "net"}, certify=False)
-    prof["attacks"] = {"pgd_linf": {"eps": [0.05], "params": {"steps": 3}}}  # random starts: seeded by the key
+    prof["attacks"] = {"pgd_linf": {"eps": [0.05], "params": {"steps": 3}}}  # random starts: seeded by the configuration
     routed = run(tmp_path, prof, models={"net": model})
     test = load_split("mnist5k", "test")
     indices = select_examples(test, 12, seed=0)

@@ -119,8 +119,8 @@ def test_runner_trains_caches_and_certifies(tmp_path):
     clean = records["pdp/none"]
     assert len(clean) == 10 and all(r.radius is not None and r.radius >= 0 for r in clean)
     assert all(r.forward_passes == 40 for r in clean)
-    # Same weights; each cell draws its own noise (seeded by its key, which names the certifier and
-    # the code's fingerprint), so a near-tie of this 15-step model may flip, but not more than that.
+    # Same weights; each cell draws its own noise (seeded by its configuration, which names the
+    # certifier), so a near-tie of this 15-step model may flip, but not more than that.
     agree = sum(r.clean_pred == s.clean_pred for r, s in zip(clean, records["pdp_cohen/none"], strict=True))
     assert agree >= 8, agree
     assert all(r.radius is not None for r in records["pdp/pgd_l2"])

@@ -284,6 +284,17 @@ def test_runner_back_off_gives_the_records_of_the_size_it_settled_on(tmp_path):
         ATTACKS.unregister("greedy_pgd_test")
 
 
+def test_a_cells_draws_follow_its_configuration_not_its_key(tmp_path):
+    """PixelDP's noise and PGD's random starts are seeded by the cell's configuration: the key a code edit alone
+    would give (a refactor) draws the same, so records change only where results do."""
+    options = RunOptions(results_dir=tmp_path, batch_size=24, progress=False, log=lambda message: None)
+    runner = Runner(Store(tmp_path / "store.sqlite"), options)
+    (key, cell), = [kc for kc in keyed(_profile().cells) if kc[1].attack != "none"]
+    first, _ = _records(runner, cell, key)
+    again, _ = _records(runner, cell, "0" * 20)
+    assert again == first and len({r[3] for r in first}) > 1
+
+
 # ----------------------------------------------------------------- CUDA
 
 
