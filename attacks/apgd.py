@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +139,56 @@ def _apgd_run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.T
     return result.detach(), found
 
 
+RunOne = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Callable, tuple[float, float]],
+                  tuple[torch.Tensor, torch.Tensor]]
+
+
+def restarted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel, loss: str, restarts: int,
+              target_classes: int, random_start: bool, generator: torch.Generator | None, run: RunOne,
+              name: str) -> torch.Tensor:
+    """The loss, target and restart loop every APGD variant shares; x_adv (N, C, H, W).
+
+    `run(xs, ys, start, objective, progress)` is one APGD run of a norm on the examples still
+    robust, returning (x_adv, found). Runs (restarts, and the targets of the targeted DLR loss, the
+    clean point's most likely other classes in AutoAttack's order) continue only on examples no run
+    has broken yet (Croce & Hein 2020).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"unknown APGD loss {loss!r}; use one of {LOSSES}")
+    x = x.detach()
+    with torch.no_grad():
+        clean_logits = model(x)
+    classes = clean_logits.shape[1]
+    if loss == "dlr_targeted":
+        if classes < 4:
+            raise ValueError(f"{name} (targeted DLR) needs at least 4 classes, the model has {classes}")
+        ranked = other_classes(clean_logits, y).argsort(dim=1, descending=True)
+        target_sets: list[torch.Tensor | None] = [ranked[:, k] for k in range(min(target_classes, classes - 1))]
+    else:
+        target_sets = [None]
+    objectives = [_objective(loss, targets) for targets in target_sets]
+    best = x.clone()
+    robust = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    runs = [(objective, r) for objective in objectives for r in range(max(1, restarts))]
+    for index, (objective, restart) in enumerate(runs):
+        todo = robust.nonzero().squeeze(1)
+        if todo.numel() == 0:
+            break
+        xs, ys = x[todo], y[todo]
+        start = threat.random_init(xs, generator) if (random_start or restart > 0) else xs.clone()
+
+        def sub_objective(logits, labels, rows, objective=objective, todo=todo):
+            return objective(logits, labels, todo[rows])
+
+        x_adv, found = run(xs, ys, start, sub_objective, (index / len(runs), (index + 1) / len(runs)))
+        # Keep the first run's highest-loss point for examples no run breaks; replace it on success.
+        if index == 0:
+            best[todo] = x_adv
+        best[todo[found]] = x_adv[found]
+        robust[todo[found]] = False
+    return best
+
+
 @templated(norms=("linf", "l2"))
 def auto_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel, steps: int = 100,
              loss: str = "ce", restarts: int = 1, target_classes: int = 9, random_start: bool = True,
@@ -161,42 +212,11 @@ def auto_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Thre
         random_start: start uniformly in the ball (else at x for the first run).
         generator: drives the random starts.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown APGD loss {loss!r}; use one of {LOSSES}")
-    x = x.detach()
-    with torch.no_grad():
-        clean_logits = model(x)
-    classes = clean_logits.shape[1]
-    if loss == "dlr_targeted":
-        if classes < 4:
-            raise ValueError(f"APGD-T (targeted DLR) needs at least 4 classes, the model has {classes}")
-        # Targets: the clean point's k-th most likely classes other than the truth (AutoAttack's order).
-        ranked = other_classes(clean_logits, y).argsort(dim=1, descending=True)
-        target_sets: list[torch.Tensor | None] = [ranked[:, k] for k in range(min(target_classes, classes - 1))]
-    else:
-        target_sets = [None]
-    objectives = [_objective(loss, targets) for targets in target_sets]
-    best = x.clone()
-    robust = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    runs = [(objective, r) for objective in objectives for r in range(max(1, restarts))]
-    for index, (objective, restart) in enumerate(runs):
-        todo = robust.nonzero().squeeze(1)
-        if todo.numel() == 0:
-            break
-        xs, ys = x[todo], y[todo]
-        start = threat.random_init(xs, generator) if (random_start or restart > 0) else xs.clone()
+    def run(xs, ys, start, objective, progress):
+        return _apgd_run(model, xs, ys, start, threat, steps, objective, progress)
 
-        def sub_objective(logits, labels, rows, objective=objective, todo=todo):
-            return objective(logits, labels, todo[rows])
-
-        progress = (index / len(runs), (index + 1) / len(runs))
-        x_adv, found = _apgd_run(model, xs, ys, start, threat, steps, sub_objective, progress)
-        # Keep the first run's highest-loss point for examples no run breaks; replace it on success.
-        if index == 0:
-            best[todo] = x_adv
-        best[todo[found]] = x_adv[found]
-        robust[todo[found]] = False
-    return best
+    return restarted(model, x, y, threat=threat, loss=loss, restarts=restarts, target_classes=target_classes,
+                     random_start=random_start, generator=generator, run=run, name="APGD-T")
 
 
 def _objective(loss: str, targets: torch.Tensor | None):

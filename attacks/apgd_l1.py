@@ -6,9 +6,8 @@ import math
 import torch
 from torch import nn
 
-from attacks.apgd import LOSSES, _objective
+from attacks.apgd import restarted
 from attacks.eot import judged_logits, set_progress
-from attacks.losses import other_classes
 from attacks.template import register_attack
 from bench.types import ThreatModel
 
@@ -166,39 +165,10 @@ def apgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Threa
         large_eps_schedule: 30% of the steps at 3 eps and 30% at 2 eps before eps (AutoAttack's L1 setting).
         generator: drives the random starts.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown APGD loss {loss!r}; use one of {LOSSES}")
-    x = x.detach()
-    with torch.no_grad():
-        clean_logits = model(x)
-    classes = clean_logits.shape[1]
-    if loss == "dlr_targeted":
-        if classes < 4:
-            raise ValueError(f"L1-APGD-T (targeted DLR) needs at least 4 classes, the model has {classes}")
-        ranked = other_classes(clean_logits, y).argsort(dim=1, descending=True)
-        target_sets: list[torch.Tensor | None] = [ranked[:, k] for k in range(min(target_classes, classes - 1))]
-    else:
-        target_sets = [None]
     schedule = SCHEDULE if large_eps_schedule and steps >= len(SCHEDULE) else ((1.0, 1.0),)
-    objectives = [_objective(loss, targets) for targets in target_sets]
-    best = x.clone()
-    robust = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    runs = [(objective, r) for objective in objectives for r in range(max(1, restarts))]
-    for index, (objective, restart) in enumerate(runs):
-        todo = robust.nonzero().squeeze(1)
-        if todo.numel() == 0:
-            break
-        xs, ys = x[todo], y[todo]
-        start = threat.random_init(xs, generator) if (random_start or restart > 0) else xs.clone()
 
-        def sub_objective(logits, labels, rows, objective=objective, todo=todo):
-            return objective(logits, labels, todo[rows])
+    def run(xs, ys, start, objective, progress):
+        return _l1_run(model, xs, ys, start, threat, steps, objective, progress, schedule)
 
-        progress = (index / len(runs), (index + 1) / len(runs))
-        x_adv, found = _l1_run(model, xs, ys, start, threat, steps, sub_objective, progress, schedule)
-        # Keep the first run's highest-loss point for examples no run breaks; replace it on success.
-        if index == 0:
-            best[todo] = x_adv
-        best[todo[found]] = x_adv[found]
-        robust[todo[found]] = False
-    return best
+    return restarted(model, x, y, threat=threat, loss=loss, restarts=restarts, target_classes=target_classes,
+                     random_start=random_start, generator=generator, run=run, name="L1-APGD-T")

@@ -22,13 +22,13 @@ from bench.ray_executor import RaySettings, check_settings, execute_ray, import_
 from bench.report import write_report
 from bench.runner import RunOptions, execute, keyed
 from bench.speed import SpeedError, check_device, configure_backends
-from bench.store import Store
+from bench.store import STORE_NAME, Store
 from bench.toml_text import to_toml
 from bench.training import LoaderOptions
+from bench.dryrun import explain, format_plan
 
 __all__ = ["STORE_NAME", "Finished", "run_profile", "default_results_dir", "results_folder", "load_run_plugins"]
 
-STORE_NAME = "store.sqlite"
 DICT_PROFILE_NAME = "profile"  # a dict profile's run name when its [run] has no `name`
 
 ProfileSpec = str | os.PathLike | Mapping[str, Any]
@@ -165,8 +165,6 @@ def ray_settings(profile: Profile, *, executor: str, device: str, address: str |
 
 def dry_run(results: str | os.PathLike | None, cells, say: Callable[[str], None]) -> None:
     """Say, per cell, whether it would be computed or reused and why; writes nothing."""
-    from bench.dryrun import explain, format_plan
-
     folder = results_folder(results, write=False)
     store = Store(folder / STORE_NAME, readonly=True) if (folder / STORE_NAME).is_file() else None
     say(format_plan(explain(cells, store)))

@@ -7,16 +7,12 @@ from itertools import pairwise
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-from attacks.losses import logit_margin
 from bench.checks_worst_case import check_weak_worst_case
 from bench.defense import certified_norm
-from bench.registry import ATTACKS, DEFENSES
+from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.tables import correctness_columns
-from bench.types import Cell, Record
+from bench.types import NORMS, Cell, Record
 
 # An undefended model should be (almost) fully broken at these sizes (MNIST-scale budgets).
 LARGE_EPS = {"linf": 0.3, "l2": 3.0}
@@ -32,8 +28,6 @@ HUGE_EPS_ACCURACY = 0.10
 # of n) means the white-box gradients are misleading (Carlini et al. 2019, "On evaluating...").
 GRADIENT_FREE_MARGIN = 1
 GRADIENT_FREE_FRACTION = 0.01
-# Input gradients this small (L2 norm per example) carry no usable direction in float32.
-ZERO_GRADIENT = 1e-10
 ZERO_GRADIENT_FRACTION = 0.10
 
 CellRecords = list[tuple[Cell, list[Record]]]
@@ -55,38 +49,7 @@ def _flag(cell: Cell, info: dict[str, Any] | None, name: str) -> bool:
 def _certified_norm(cell: Cell) -> str | None:
     """The norm of a certified defense's radii when it is one the attacks use (l1, l2, linf), else None."""
     norm = certified_norm(cell.defense, cell.defense_params)
-    return norm if norm in ("l1", "l2", "linf") else None
-
-
-def zero_gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Fractions of examples whose input gradient is ~0, for the CE loss and for the logit margin.
-
-    A zero margin gradient means the model itself hides gradients (masking, e.g. quantization); a
-    zero CE gradient alone means a saturated softmax that stalls CE-based attacks (use the CW loss).
-
-    Args:
-        model: [0,1] images (N, C, H, W) -> logits (N, K).
-        x: images (N, C, H, W); y: true labels (N,).
-    """
-    x = x.detach().clone().requires_grad_(True)
-    logits = model(x)
-    ce_grad, = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x, retain_graph=True)
-    margin_grad, = torch.autograd.grad(logit_margin(logits, y).sum(), x)
-    return {name: float((grad.flatten(1).norm(dim=1) < ZERO_GRADIENT).float().mean())
-            for name, grad in (("ce", ce_grad), ("margin", margin_grad))}
-
-
-def probe_gradients(defense: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """`zero_gradient_fraction` on a defense's model, leaving its noise generator and torch's RNG untouched."""
-    generator = getattr(defense, "generator", None)
-    state = generator.get_state() if generator is not None else None
-    devices = [x.device] if x.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices):
-            return zero_gradient_fraction(defense.model, x, y)
-    finally:
-        if generator is not None:
-            generator.set_state(state)
+    return norm if norm in NORMS else None
 
 
 def check_monotone(cells: CellRecords, l_attack: dict[str, list[float]]) -> list[str]:
@@ -206,8 +169,6 @@ def huge_eps(dataset: str, norm: str | None) -> float:
     `norm` is "linf" or "l1")."""
     if norm == "linf":
         return HUGE_LINF
-    from bench.registry import DATASETS
-
     dims = math.prod(DATASETS.get(dataset).shape) if dataset in DATASETS else 784
     if norm == "l1":
         return HUGE_LINF * dims  # half the pixel range on every pixel

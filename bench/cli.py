@@ -8,6 +8,13 @@ import tempfile
 from pathlib import Path
 
 from bench.api import STORE_NAME, default_results_dir, load_run_plugins, run_profile
+from bench.archs import describe_models
+from bench.baseline import export_run
+from bench.compare import (check_complete, compare_runs, format_comparison, missing_from_new, only_common,
+                               open_run)
+from bench.estimate import add_parser as add_estimate
+from bench.store_tools import add_parser as add_store
+from bench.tables import write_table
 from bench.atomic import advice, write_text
 from bench.config import shipped_profiles
 from bench.errors import UserError
@@ -49,7 +56,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(describe_zoo(getattr(args, "weights_root", None)), end="")
         return 0
     if getattr(args, "models", False):
-        from bench.archs import describe_models
 
         print("models (parameters at the input size each is used with):")
         for name, shape, classes, parameters, users in describe_models():
@@ -104,9 +110,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from bench.compare import (check_complete, compare_runs, format_comparison, missing_from_new, only_common,
-                               open_run)
-    from bench.tables import write_table
 
     results = Path(args.results).resolve() if args.results else default_results_dir()
     base, new = open_run(args.base, results), open_run(args.new, results)
@@ -133,8 +136,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
-    from bench.baseline import export_run
-    from bench.compare import open_run
 
     results = Path(args.results).resolve() if args.results else default_results_dir()
     store, run_id = open_run(args.run, results)
@@ -232,8 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--results", help="results folder holding store.sqlite, for run ids")
     base.add_argument("--out", help="output folder (default: <results>/baselines/<profile>)")
     base.set_defaults(func=cmd_baseline)
-    from bench.estimate import add_parser as add_estimate
-    from bench.store_tools import add_parser as add_store
 
     add_estimate(sub)
     add_store(sub)

@@ -12,12 +12,11 @@ from scipy.stats import binomtest, fisher_exact
 
 from bench.baseline import load_export
 from bench.report import run_data
-from bench.store import Store, StoreError
+from bench.store import STORE_NAME, Store, StoreError
 from bench.table_registry import tables
 from bench.tables_certified import DEFAULT_ROBUST_THRESHOLDS
 from bench.types import Cell
 
-STORE_NAME = "store.sqlite"
 BASELINE_NAME = "baseline.json"
 
 

@@ -11,12 +11,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from bench.errors import UserError
-from bench.keys import RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_attack_params, resolve_defense_params
+from bench.errors import ConfigError
+from bench.params import RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_attack_params, resolve_defense_params
 from bench.plugins import load_plugins
-from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError, load_builtins
+from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError
 from bench.speed import SpeedError, cell_speed, speed_settings
 from bench.types import Cell
+from bench.zoo import expand
 
 RUN_KEYS = {"name", "datasets", "examples", "certify_examples", "seed", "batch_size", "l_attack", "thresholds",
             "description", "overhead_draws", "plugins", "cpus_per_task", "gpus_per_task", "autocast",
@@ -28,10 +29,6 @@ DEFAULT_L_ATTACK = {"l1": [0.0, 2.0, 4.0, 6.0, 8.0, 10.0], "l2": [0.0, 0.5, 1.0,
                     "linf": [0.0, 0.05, 0.1, 0.2, 0.3]}
 DEFAULT_THRESHOLDS = [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
-
-
-class ConfigError(UserError, ValueError):
-    """A malformed profile; the message names the offending key and the fix."""
 
 
 @dataclass
@@ -120,8 +117,6 @@ def _check_attack_params(name: str, params: dict[str, Any], where: str) -> None:
 def _resolved_defense_params(name: str, dataset: str, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Construct the defense once (cheap: no training) so that bad parameters fail before running, and
     return its parameters with every default applied (what the cell key hashes)."""
-    from bench.zoo import expand  # late: bench.zoo imports bench.weights, which imports this module
-
     try:
         params = expand(params, dataset)  # weights = "zoo:NAME" brings its network and pinned SHA-256
     except ConfigError as exc:
@@ -380,7 +375,6 @@ def parse_profile(text: str, name: str, *, examples: int | None = None, seed: in
         raise ConfigError("--max-draws must be at least 1")
     if max_steps is not None and max_steps < 0:
         raise ConfigError("--max-steps must be at least 0")
-    load_builtins()
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

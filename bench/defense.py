@@ -12,7 +12,7 @@ from torch import nn
 
 from bench.data import DatasetSpec
 from bench.models import build_model
-from bench.registry import MODELS, DefenseInfo, RegistrationError
+from bench.registry import DEFENSES, MODELS, DefenseInfo, RegistrationError
 
 __all__ = ["TrainConfig", "Defense", "CertifiedDefense", "check_defense_class", "certified_norm"]
 from bench.weights import WeightsError, call_factory, file_sha256, load_state, map_keys, read_checkpoint
@@ -90,8 +90,6 @@ class Defense(ABC):
     @property
     def info(self) -> DefenseInfo:
         """The registry info of this defense's class (or of its nearest registered base class)."""
-        from bench.registry import DEFENSES
-
         for klass in type(self).__mro__:
             name = DEFENSES.name_of(klass)
             if name is not None:
@@ -233,13 +231,13 @@ def check_defense_class(name: str, cls: Any, info: DefenseInfo) -> None:
                                     f"certified_norm({{}}) = {stated!r}")
 
 
+DEFENSES.check = check_defense_class  # the registry imports nothing it registers: its contract is installed here
+
+
 def certified_norm(defense: str, params: dict[str, Any]) -> str:
     """The norm a certified defense's radii are in: its registered `certified_norm`, else its class's
     `certified_norm(params)`; for a name not registered here (e.g. a plugin not loaded), its `norm`
     parameter, else "" (unknown)."""
-    from bench.registry import DEFENSES, load_builtins  # late: importing defenses fills the registry
-
-    load_builtins()
     if defense not in DEFENSES:
         return str(params.get("norm") or "")
     info = DEFENSES.info(defense)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.keys import cell_code, params_digest, slot
+from bench.keys import params_digest, slot
+from bench.runner import cell_code
 from bench.store import Store
 from bench.types import Cell
 

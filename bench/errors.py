@@ -6,7 +6,7 @@ subclass without an import cycle.
 """
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["UserError", "ConfigError"]
 
 
 class UserError(Exception):
@@ -15,3 +15,7 @@ class UserError(Exception):
     Subclasses also derive from the built-in exception that fits (ValueError, KeyError, RuntimeError,
     ...) so code that catches those keeps working.
     """
+
+
+class ConfigError(UserError, ValueError):
+    """A malformed profile or parameter; the message names the offending key and the fix."""

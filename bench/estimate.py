@@ -31,6 +31,9 @@ from bench.config import Profile
 from bench.defense import CertifiedDefense, Defense
 from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from bench.types import Cell, canonical_json
+from bench.training import DrawsNoise
+from attacks.template import AttackOutputError
+from bench.config import ConfigError, load_profile
 
 __all__ = ["SAMPLE_ROWS", "CellCost", "Estimate", "estimate_profile", "format_estimate", "gemm_rate",
            "model_key", "training_step_flops", "counted"]
@@ -141,8 +144,6 @@ def _inputs(dataset: str, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch
 
 
 def _noise_generators(model: nn.Module, defense: Defense, generator: torch.Generator) -> None:
-    from bench.training import DrawsNoise
-
     for module in model.modules():
         if isinstance(module, DrawsNoise) and not isinstance(module, Defense):
             module.generator = generator
@@ -221,8 +222,6 @@ def _attack_flops(cell: Cell, model: nn.Module, x: torch.Tensor) -> float:
         params = dict(cell.attack_params) | full_run | counts
         generator = torch.Generator().manual_seed(cell.seed)
         def call() -> None:
-            from attacks.template import AttackOutputError  # late: bench does not import attacks at import time
-
             # Its work is done and counted even when only the check of its output (a rounding slip) fails.
             with contextlib.suppress(AttackOutputError):
                 attack(defense.model, x, y, threat=threat, generator=generator, **params)
@@ -380,8 +379,6 @@ def format_estimate(estimate: Estimate, profile: str) -> str:
 
 def cmd_estimate(args: Any) -> int:
     """`pixeldp-bench estimate PROFILE`: print the estimate table; a bad profile or rate is one line, exit 2."""
-    from bench.config import ConfigError, load_profile
-
     if args.device_flops is not None and not (math.isfinite(args.device_flops) and args.device_flops > 0):
         raise ConfigError(f"--device-flops must be a positive number of FLOP/s (e.g. 60e12), got {args.device_flops}")
     if args.threads is not None:

@@ -24,6 +24,8 @@ from functools import partial as functools_partial
 from pathlib import Path
 from typing import Any
 
+from bench.plugins import loaded_plugins
+
 __all__ = ["code_fingerprint", "source_files", "file_digest"]
 
 # Code below these folders (the standard library, site-packages) is not ours: its version is
@@ -37,8 +39,6 @@ NOT_CELL_CODE = frozenset({"bench.fingerprint", "bench.keys", "bench.dryrun"})
 
 def _plugin_sources() -> tuple[str, ...]:
     """Folders of the loaded plugin packages (and files of single-module plugins), resolved."""
-    from bench.plugins import loaded_plugins  # late: plugins load after this module is imported
-
     return _sources_of(tuple(loaded_plugins()))
 
 

@@ -118,5 +118,3 @@ def build_model(arch: str, shape: Sequence[int], classes: int, **kwargs) -> Imag
     """Instantiate a registered architecture for inputs of `shape` (C, H, W) and `classes` outputs."""
     return MODELS.get(arch)(shape, classes, **kwargs)
 
-
-from bench import archs  # noqa: E402,F401  (registers the paper's architectures)

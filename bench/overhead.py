@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
+from defenses.pixeldp.sampling import sample
 
-if TYPE_CHECKING:
-    from bench.defense import Defense
+from bench.defense import Defense
 
 DRAWS = (1, 10, 100, 1000)
 ROW_BUDGET = 2000  # rows pushed through the post-noise network per timing; bounds time and memory
@@ -27,8 +27,6 @@ def monte_carlo_predict(model: nn.Module, x: torch.Tensor, draws: int, chunk_row
         draws: noise draws per image (PixelDP's n; 1, 10, 100, 1000 in the paper's Sec. IV-E).
         chunk_rows: most rows per forward pass, bounding memory (PixelDP's default).
     """
-    from defenses.pixeldp.sampling import sample  # late: importing defenses registers every defense and attack
-
     samples = sample(model, x, draws, chunk_rows=chunk_rows)
     return torch.as_tensor(samples.mean.argmax(axis=1), device=x.device)
 

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from bench.atomic import write_bytes
-from bench.registry import DEFENSES, Registry, load_builtins
+from bench.registry import DEFENSES, Registry
 from bench.tables import CLEAN, WORST
 from bench.tables_certified import reference_accuracy
 
@@ -49,7 +49,6 @@ def new_figure(rows: int, cols: int, width: float = 6.0, height: float = 3.4) ->
 def family(registry_name: str) -> str:
     """The defense's registered family (DefenseInfo.family: PixelDP, Madry, convex, ...); a defense
     registered without one, or not registered in this process (a plugin not loaded), is its own family."""
-    load_builtins()
     return (DEFENSES.info(registry_name).family or registry_name) if registry_name in DEFENSES else registry_name
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from bench.errors import UserError
-from bench.registry import load_builtins
+import bench.builtins  # noqa: F401  (the built-ins register before any plugin)
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginError", "load_plugins", "loaded_plugins", "run_plugins"]
 
@@ -38,9 +38,8 @@ def loaded_plugins() -> dict[str, str]:
 
 
 def load_plugins(modules: Any = ()) -> None:
-    """Import the built-ins, then every installed entry-point plugin (once), then `modules` ([run] plugins)."""
+    """Import every installed entry-point plugin (once), then `modules` ([run] plugins); built-ins are in already."""
     global _entry_points_loaded
-    load_builtins()
     if not _entry_points_loaded:
         for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             _load_entry_point(entry)

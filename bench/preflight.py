@@ -15,7 +15,7 @@ from bench.types import Cell
 from bench.weights import WeightsError, file_sha256, resolve_path
 from bench.zoo import locate_profile
 
-__all__ = ["check_inputs", "resolve_weights"]
+__all__ = ["check_defenses", "check_inputs", "resolve_weights"]
 
 
 def profile_folder(profile: str) -> Path | None:
@@ -66,6 +66,23 @@ def _check_defense(cell: Cell) -> bool:
     return (steps if cap is None else min(steps, cap)) > 0
 
 
+def check_defenses(cells: list[Cell]) -> dict[str, set[str]]:
+    """Build each distinct defense of `cells` once: bad parameters, a user's model the defense cannot use or
+    an untrained one are one line each. Returns {dataset: the splits its cells need ("test", and "train"
+    where a defense trains)}."""
+    splits: dict[str, set[str]] = {}
+    checked: set[str] = set()
+    for cell in cells:
+        needed = splits.setdefault(cell.dataset, {"test"})
+        memo = repr(sorted(cell.defense_config().items()))
+        if memo in checked:
+            continue
+        checked.add(memo)
+        if _check_defense(cell):
+            needed.add("train")
+    return splits
+
+
 def check_inputs(profile: Profile, args: argparse.Namespace) -> Profile:
     """Locate zoo weights (bench.zoo) and resolve weight paths against the profile's folder, then check every
     defense and dataset split the profile needs (test always, train only where a defense trains); returns the
@@ -87,16 +104,7 @@ def check_inputs(profile: Profile, args: argparse.Namespace) -> Profile:
             except WeightsError as exc:
                 raise WeightsError(f"[defenses.{cell.defense_label}]: {exc}") from exc
         cells.append(dataclasses.replace(cell, defense_params=resolved[memo]))
-    splits: dict[str, set[str]] = {}
-    checked: set[str] = set()
-    for cell in cells:
-        needed = splits.setdefault(cell.dataset, {"test"})
-        memo = repr(sorted(cell.defense_config().items()))
-        if memo in checked:
-            continue
-        checked.add(memo)
-        if _check_defense(cell):
-            needed.add("train")
+    splits = check_defenses(cells)
     root = data_root(getattr(args, "data_root", None))
     for dataset, needed in splits.items():
         for split in sorted(needed, key=lambda s: s != "test"):

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.errors import UserError
+from bench.types import NORMS
 
 __all__ = ["AttackInfo", "DefenseInfo", "ModelInfo", "Registry", "RegistrationError", "UnknownNameError",
-           "DATASETS", "DEFENSES", "ATTACKS", "MODELS", "NORMS", "load_builtins"]
+           "DATASETS", "DEFENSES", "ATTACKS", "MODELS", "NORMS"]
 
-NORMS = ("l1", "l2", "linf")
 
 
 class RegistrationError(UserError, ValueError):
@@ -224,23 +224,7 @@ class UnknownNameError(UserError, KeyError):
         return str(self.args[0])
 
 
-def _check_defense(name: str, cls: Any, info: DefenseInfo) -> None:
-    from bench.defense import (
-        check_defense_class,  # late: bench.defense imports this module
-    )
-
-    check_defense_class(name, cls, info)
-
-
 DATASETS = Registry("dataset")
-DEFENSES = Registry("defense", DefenseInfo, _check_defense)
+DEFENSES = Registry("defense", DefenseInfo)  # bench.defense installs its contract check
 ATTACKS = Registry("attack", AttackInfo)
 MODELS = Registry("model", ModelInfo)
-
-
-def load_builtins() -> None:
-    """Import the built-in attack and defense packages so that they register themselves."""
-    import attacks  # noqa: F401
-    import bench.data  # noqa: F401
-    import bench.models  # noqa: F401
-    import defenses  # noqa: F401

@@ -16,14 +16,15 @@ from tqdm.auto import tqdm
 
 import bench.models
 from bench.cache import ModelCache
-from bench.checks import probe_gradients
 from bench.data import data_root as resolve_data_root
 from bench.data import gather, load_split, select_examples
 from bench.defense import CertifiedDefense, Defense
 from bench.errors import UserError
+from bench.gradient_probe import probe_gradients
 from bench.overhead import DRAWS, measure_prediction
 from bench.registry import ATTACKS, DATASETS, DEFENSES, AttackInfo
-from bench.keys import cell_code, keyed, model_code, params_digest
+from bench.fingerprint import code_fingerprint
+from bench.keys import attack_code, cell_key, model_code, params_digest
 from bench.store import ClaimOwner, Store
 from bench.subbatch import SubBatches, attack_row_bytes
 from bench.trained_models import TrainedModels
@@ -31,8 +32,8 @@ from bench.speed import apply_speed
 from bench.training import CHECKPOINT_SECONDS, LoaderOptions
 from bench.types import Cell, Record, canonical_json, derive_seed
 
-__all__ = ["RunOptions", "Runner", "ModelPlan", "model_plan", "finished_cell", "describe", "heartbeat", "execute",
-           "keyed", "cell_seed", "AttackContractError", "IncompleteCellError"]
+__all__ = ["RunOptions", "Runner", "cell_code", "ModelPlan", "model_plan", "finished_cell", "describe", "heartbeat",
+           "execute", "keyed", "cell_seed", "AttackContractError", "IncompleteCellError"]
 
 
 class AttackContractError(UserError, RuntimeError):
@@ -388,6 +389,19 @@ def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions) ->
             pending = later
     counts["skipped"] += counts.pop("waited")
     return counts
+
+
+def cell_code(cell: Cell) -> dict[str, str]:
+    """{"attack", "defense", "harness"}: fingerprints of the three pieces of code a cell's records depend on."""
+    code = {"defense": model_code(cell.defense, cell.defense_params), "harness": code_fingerprint(Runner)}
+    if cell.attack != "none":
+        code["attack"] = attack_code(cell)
+    return code
+
+
+def keyed(cells: list[Cell]) -> list[tuple[str, Cell]]:
+    """Pair each cell with its key."""
+    return [(cell_key(cell, cell_code(cell)), cell) for cell in cells]
 
 
 def describe(cell: Cell) -> str:

@@ -22,6 +22,7 @@ from torch import nn
 
 from bench.errors import UserError
 from bench.registry import DefenseInfo
+from bench.models import ImageClassifier
 
 __all__ = ["AUTOCAST_DTYPES", "SpeedError", "speed_settings", "speed_applies", "cell_speed", "apply_speed",
            "check_device", "configure_backends"]
@@ -75,8 +76,6 @@ def apply_speed(model: nn.Module, speed: dict[str, Any]) -> bool:
     the settings need, directly or as the `body` behind a wrapper's input noise (randomized
     smoothing's base classifier, all of it post-noise); a user's own network (a `factory`) stays exact.
     """
-    from bench.models import ImageClassifier  # late: bench.models imports the registry of architectures
-
     if not speed:
         return True
     if not isinstance(model, ImageClassifier):

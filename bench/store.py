@@ -23,7 +23,9 @@ from bench.checksums import RECORD_COLUMNS, cell_checksum, run_checksum
 from bench.errors import UserError
 from bench.types import Cell, Record
 
-__all__ = ["ClaimOwner", "DamagedCellError", "Store", "StoreError"]
+__all__ = ["ClaimOwner", "DamagedCellError", "STORE_NAME", "Store", "StoreError"]
+
+STORE_NAME = "store.sqlite"  # a results folder's store: every command finds it under this name
 
 # 2: cells and runs carry a checksum column. A schema-1 store is read as is (its cells unverified
 # beyond their record counts) and migrated on its first writable open (`Store._migrate`).

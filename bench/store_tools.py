@@ -8,18 +8,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.store import Store, StoreError, describe_config
+from bench.store import STORE_NAME, Store, StoreError, describe_config
+from bench.api import default_results_dir
 
 __all__ = ["add_parser", "check_store", "recover_store"]
 
-STORE_NAME = "store.sqlite"
 SIDE_FILES = ("-wal", "-shm")  # SQLite's files beside a store: they travel with it when it is moved aside
 
 
 def _store_path(args: argparse.Namespace) -> Path:
     """The store of RESULTS (or --results, or the default results folder); it must exist."""
-    from bench.cli import default_results_dir  # late: the CLI imports this module
-
     given = args.folder or args.results
     results = Path(given).expanduser().resolve() if given else default_results_dir()
     path = results if results.is_file() else results / STORE_NAME

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from bench.defense import certified_norm
-from bench.registry import DEFENSES, load_builtins
+from bench.registry import DEFENSES
 from bench.tables import WORST, add_proportion, percent_with_ci
 from bench.types import Cell, Record
 
@@ -20,7 +20,6 @@ def certifier_name(cell: Cell) -> str:
     default (DefenseInfo.certifier), else the defense's name."""
     if cell.defense_params.get("certifier"):
         return str(cell.defense_params["certifier"])
-    load_builtins()
     if cell.defense in DEFENSES:
         return DEFENSES.info(cell.defense).certifier or cell.defense
     return cell.defense

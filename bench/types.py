@@ -5,11 +5,12 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-NORMS = ("l1", "l2", "linf")
+Norm = Literal["l1", "l2", "linf"]
+NORMS: tuple[Norm, ...] = ("l1", "l2", "linf")  # the one list of norms: attacks, certificates, tables
 
 
 @dataclass(frozen=True)

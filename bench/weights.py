@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.config import ConfigError
+from bench.errors import ConfigError
 
 __all__ = ["WeightsError", "call_factory", "file_sha256", "import_factory", "load_state", "map_keys",
            "read_checkpoint", "resolve_path"]

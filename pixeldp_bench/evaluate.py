@@ -14,12 +14,12 @@ from torch import nn
 
 from bench.api import pick_device, read_profile, results_folder
 from bench.config import ConfigError
-from bench.keys import keyed
+from bench.runner import keyed
 from bench.plugins import load_plugins
-from bench.preflight import resolve_weights
+from bench.preflight import check_defenses, resolve_weights
 from bench.registry import DATASETS
 from bench.runner import Runner, RunOptions
-from bench.store import Store
+from bench.store import STORE_NAME, Store
 from bench.types import Cell
 from pixeldp_bench.memory import register_models
 from pixeldp_bench.runs import CELL_COLUMNS, RECORD_COLUMNS
@@ -101,10 +101,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     folder = results_folder(results, write=True)
     resolved = register_models(read_profile(profile), {LABEL: model}, lambda: folder / "models" / "memory")
     cells = [dataclasses.replace(c, defense_params=resolve_weights(c.defense_params, None)) for c in resolved.cells]
+    check_defenses(cells)  # the run route's checks of each defense and model, in one line each
     run_device = pick_device(device)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:  # the runner's store: nothing is trained, nothing kept
-        store = Store(Path(scratch) / "store.sqlite")
+        store = Store(Path(scratch) / STORE_NAME)
         try:
             runner = _GivenExamples(store, RunOptions(results_dir=folder, device=run_device, progress=False,
                                                       batch_size=resolved.batch_size, log=lambda message: None), x, y)

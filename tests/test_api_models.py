@@ -182,3 +182,13 @@ def test_the_code_digest_covers_the_class_source_and_the_structure():
 
     assert model_code(Doubled()) == model_code(copy.deepcopy(Doubled()))
     assert len({model_code(Doubled()), model_code(Doubled(width=5)), model_code(Tripled())}) == 3
+
+
+def test_evaluate_checks_the_defense_like_the_run_route(nets, tmp_path):
+    """A network the defense cannot use (no conv stem for PixelDP's noise) is the run route's one line, not a traceback."""
+    x, y = torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ConfigError) as caught:
+        pixeldp_bench.evaluate(nets[1], x, y, defense="pixeldp", defense_params={"steps": 0}, device="cpu",
+                               results=tmp_path)
+    assert "[defenses.model] on mnist5k: the model cannot be used" in str(caught.value)
+    assert "\n" not in str(caught.value)

@@ -10,7 +10,8 @@ import bench.fingerprint as fingerprint
 from bench.cli import main
 from bench.config import ConfigError, load_profile, parse_profile
 from bench.fingerprint import code_fingerprint, source_files
-from bench.keys import keyed, resolve_attack_params
+from bench.params import resolve_attack_params
+from bench.runner import keyed
 from bench.registry import ATTACKS
 
 REPO = Path(__file__).resolve().parents[1]

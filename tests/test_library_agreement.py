@@ -100,10 +100,10 @@ def main(examples: int = 50) -> None:
     """Print the three-way table on the smoke CNN (trained like the `trained_cnn` fixture)."""
     from bench.data import gather, load_split, select_examples
     from defenses.undefended import Undefended
-    from bench.registry import DATASETS, load_builtins
+    import bench.builtins  # noqa: F401  (registers the built-in names)
+    from bench.registry import DATASETS
     from bench.training import fit
 
-    load_builtins()
     torch.set_num_threads(1)
     defense = Undefended(DATASETS.get("mnist5k"), arch="cnn_small", steps=300, batch_size=64, lr=1e-3)
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from bench.cli import main
 from bench.config import ConfigError, parse_profile
 from bench.data import gather
 from bench.data.torchvision_sets import ImageTensorDataset
-from bench.keys import keyed
+from bench.runner import keyed
 from bench.models import build_model
 from bench.registry import DATASETS
 from bench.runner import batch_records

@@ -7,7 +7,7 @@ from torch import nn
 
 from bench.cli import main
 from bench.config import ConfigError, parse_profile
-from bench.keys import keyed
+from bench.runner import keyed
 from bench.registry import ATTACKS, DATASETS, UnknownNameError
 from bench.runner import Runner, RunOptions
 from bench.store import Store

@@ -19,7 +19,7 @@ import bench.zoo as zoo
 from bench.cli import main
 from bench.config import ConfigError, parse_profile
 from bench.data import gather, load_split, select_examples
-from bench.keys import keyed
+from bench.runner import keyed
 from bench.registry import DATASETS, DEFENSES
 from bench.weights import WeightsError, file_sha256
 from defenses.convex.models import wong2018_net

@@ -1,5 +1,9 @@
 """The paper's architectures; importing this package registers them in bench.registry.MODELS."""
+import torch
+
 from bench.archs import inception, mnist, resnet  # noqa: F401
+from bench.models import build_model
+from bench.registry import DATASETS, MODELS
 
 __all__ = ["describe_models"]
 
@@ -10,11 +14,6 @@ def describe_models():
     Each architecture is sized for its registered input shape (else the first dataset that uses
     it by default) and built on the meta device, so even WRN-28-10 and Inception-v3 cost no memory.
     """
-    import torch
-
-    from bench.models import build_model
-    from bench.registry import DATASETS, MODELS
-
     rows = []
     for name in MODELS.names():
         info = MODELS.info(name)
