@@ -137,7 +137,8 @@ def test_the_example_runs(tmp_path, monkeypatch):
 def test_evaluate_matches_the_profile_route(nets, tmp_path):
     _, model = nets
     prof = profile({"model": "net"}, certify=False)
-    prof["attacks"] = {"pgd_linf": {"eps": [0.05], "params": {"steps": 3}}}  # random starts: seeded by the configuration
+    # Random starts: seeded by the configuration.
+    prof["attacks"] = {"pgd_linf": {"eps": [0.05], "params": {"steps": 3}}}
     routed = run(tmp_path, prof, models={"net": model})
     test = load_split("mnist5k", "test")
     indices = select_examples(test, 12, seed=0)
@@ -185,7 +186,7 @@ def test_the_code_digest_covers_the_class_source_and_the_structure():
 
 
 def test_evaluate_checks_the_defense_like_the_run_route(nets, tmp_path):
-    """A network the defense cannot use (no conv stem for PixelDP's noise) is the run route's one line, not a traceback."""
+    """A network the defense cannot use (no conv stem for PixelDP's noise): the run route's one line, no traceback."""
     x, y = torch.rand(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ConfigError) as caught:
         pixeldp_bench.evaluate(nets[1], x, y, defense="pixeldp", defense_params={"steps": 0}, device="cpu",
