@@ -59,8 +59,8 @@ def save_weights(module: nn.Module, folder: Path) -> Path:
     data = save(state)
     path = folder / f"{hashlib.sha256(data).hexdigest()}.safetensors"
     if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        write_bytes(path, data)  # the harness's one atomic writer: a full disk is one line, never half a file
+        # The harness's one atomic writer makes the folder too: a full disk is one line, never half a file.
+        write_bytes(path, data)
     return path
 
 

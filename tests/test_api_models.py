@@ -193,3 +193,20 @@ def test_evaluate_checks_the_defense_like_the_run_route(nets, tmp_path):
                                results=tmp_path)
     assert "[defenses.model] on mnist5k: the model cannot be used" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_saving_weights_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """The model folder is made by the atomic writer too: ENOSPC there is the writer's one line, no raw OSError."""
+    import errno
+
+    from bench.atomic import OutputWriteError
+    from pixeldp_bench.memory import save_weights
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    with pytest.raises(OutputWriteError) as caught:
+        save_weights(torch.nn.Linear(2, 2), tmp_path / "models" / "memory")
+    assert "No space left on device" in str(caught.value) and "free disk space" in str(caught.value)
+    assert "\n" not in str(caught.value) and not (tmp_path / "models").exists()
