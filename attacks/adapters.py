@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from attacks.template import register_attack
-from bench.types import ThreatModel
+from bench.core.types import ThreatModel
 
 __all__ = ["KeepMode", "seeded"]
 
@@ -161,8 +161,8 @@ def _square(norm: str):
             return runner(x, y)
 
     square.__doc__ = (f"torchattacks.Square ({norm}, margin loss): the gradient-free score-based attack of "
-                      "Andriushchenko et al. 2020, used by bench.checks to detect gradient masking (it needs no "
-                      "gradients).")
+                      "Andriushchenko et al. 2020, used by bench.reporting.checks to detect gradient masking (it "
+                      "needs no gradients).")
     return square
 
 

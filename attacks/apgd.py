@@ -11,7 +11,7 @@ from torch import nn
 from attacks.eot import judged_logits, set_progress
 from attacks.losses import logit_margin, other_classes
 from attacks.template import register_attack, templated
-from bench.types import ThreatModel
+from bench.core.types import ThreatModel
 
 __all__ = ["auto_pgd", "apgd_linf", "apgd_l2", "checkpoints", "dlr_loss", "targeted_dlr_loss", "LOSSES"]
 

@@ -9,7 +9,7 @@ from torch import nn
 from attacks.apgd import restarted
 from attacks.eot import judged_logits, set_progress
 from attacks.template import register_attack
-from bench.types import ThreatModel
+from bench.core.types import ThreatModel
 
 __all__ = ["apgd_l1", "sparse_direction"]
 
@@ -147,7 +147,7 @@ def apgd_l1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Threa
 
     Croce & Hein, "Mind the box: l1-APGD for sparse adversarial attacks on image classifiers",
     ICCV 2021: each step moves the top-k coordinates of |gradient| that the box lets move (equal
-    shares of an L1 step), then projects exactly onto ball-and-box (bench.types.project_l1_box);
+    shares of an L1 step), then projects exactly onto ball-and-box (bench.core.types.project_l1_box);
     k and the step size adapt to the sparsity of the best point found. Runs (restarts, and targets
     for the targeted DLR loss) continue only on examples still robust. Success is judged with fresh
     draws when the model is an EOT wrapper.

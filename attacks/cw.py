@@ -10,7 +10,7 @@ from torch import nn
 from attacks.eot import judged_logits, set_progress
 from attacks.losses import logit_margin
 from attacks.template import register_attack
-from bench.types import ThreatModel
+from bench.core.types import ThreatModel
 
 __all__ = ["margin_loss", "pick_targets", "carlini_wagner_l2", "cw_l2", "cw_l2_paper", "PAPER"]
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from attacks.pgd import projected_gradient_descent
 from attacks.template import register_attack
-from bench.types import ThreatModel
+from bench.core.types import ThreatModel
 
 __all__ = ["cw_linf"]
 

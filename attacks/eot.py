@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from bench.draws import noise_split, noisy_logits
+from bench.core.draws import noise_split, noisy_logits
 
 __all__ = ["EOT", "AVERAGES", "set_progress", "judged_logits"]
 
@@ -24,7 +24,7 @@ class EOT(nn.Module):
 
     All draws run in ONE batched forward pass of N * draws rows (chunked by `chunk` rows to bound
     memory), so any attack, ours or a library's, receives gradients averaged over the draws.
-    When the model exposes `pre_noise` / `noise` / `post_noise` (bench.models.ImageClassifier), the
+    When the model exposes `pre_noise` / `noise` / `post_noise` (bench.core.models.ImageClassifier), the
     deterministic pre-noise part runs once per image and only the rest is replicated. The noise
     itself comes from the wrapped model (its noise layer and that layer's generator).
 
@@ -78,7 +78,7 @@ class EOT(nn.Module):
             self.draws = current
 
     def draw_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of every draw, (N, draws, K): bench.draws.noisy_logits over N * draws rows in all, chunked."""
+        """Logits of every draw, (N, draws, K): bench.core.draws.noisy_logits over N * draws rows in all, chunked."""
         pre_noise, _, _ = noise_split(self.model)
         h = pre_noise(x)
         # Whole images per call; torch.split (unlike slicing) back-propagates without a full-size

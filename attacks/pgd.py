@@ -6,7 +6,7 @@ from torch import nn
 
 from attacks.losses import get_loss
 from attacks.template import register_attack, templated
-from bench.types import NORMS, ThreatModel
+from bench.core.types import NORMS, ThreatModel
 
 __all__ = ["projected_gradient_descent", "pgd_linf", "pgd_l2"]
 

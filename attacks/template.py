@@ -27,9 +27,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bench.errors import UserError
-from bench.registry import ATTACKS, Registry
-from bench.types import NORMS, ThreatModel
+from bench.core.errors import UserError
+from bench.core.registry import ATTACKS, Registry
+from bench.core.types import NORMS, ThreatModel
 
 __all__ = ["AttackOutputError", "Contract", "templated", "register_attack", "within_budget"]
 

@@ -11,7 +11,7 @@ from attacks.cw_linf import cw_linf
 from attacks.eot import EOT
 from attacks.pgd import pgd_l2, pgd_linf
 from attacks.template import Contract, register_attack, templated
-from bench.types import ThreatModel
+from bench.core.types import ThreatModel
 
 __all__ = ["with_eot"]
 

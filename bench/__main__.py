@@ -1,4 +1,4 @@
 """`python -m bench` runs the command-line interface."""
-from bench.cli import main
+from bench.cli.main import main
 
 raise SystemExit(main())

@@ -1,21 +1,7 @@
-"""The one base class of every error a user can cause and fix; the CLI prints exactly these in one line (exit 2).
+"""`bench.core.errors` under the path plugins and CONTRIBUTING.md import: the very same module object."""
+import sys
 
-Anything else that escapes a command is a bug in the harness and keeps its traceback. This module
-imports nothing from the harness, so every layer (attacks/, defenses/, bench/) may raise its own
-subclass without an import cycle.
-"""
-from __future__ import annotations
+from bench.core import errors as _moved
+from bench.core.errors import *  # noqa: F403 (the names, for type checkers)
 
-__all__ = ["UserError", "ConfigError"]
-
-
-class UserError(Exception):
-    """Bad input, a damaged or missing file, a full disk, an impossible setting: the message names it and the fix.
-
-    Subclasses also derive from the built-in exception that fits (ValueError, KeyError, RuntimeError,
-    ...) so code that catches those keeps working.
-    """
-
-
-class ConfigError(UserError, ValueError):
-    """A malformed profile or parameter; the message names the offending key and the fix."""
+sys.modules[__name__] = _moved

@@ -1,4 +1,4 @@
-"""Built-in defenses; importing this package registers them in bench.registry.DEFENSES."""
+"""Built-in defenses; importing this package registers them in bench.core.registry.DEFENSES."""
 from defenses import undefended  # noqa: F401
 from defenses import madry  # noqa: F401
 from defenses import convex  # noqa: F401

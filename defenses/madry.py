@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.pgd import projected_gradient_descent
-from bench.data import DatasetSpec
-from bench.defense import Defense
-from bench.registry import DEFENSES
-from bench.types import ThreatModel
+from bench.core.data import DatasetSpec
+from bench.core.defense import Defense
+from bench.core.registry import DEFENSES
+from bench.core.types import ThreatModel
 
 
 class CatastrophicOverfittingWarning(UserWarning):

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from scipy.stats import beta, binomtest, norm
 from torch import nn
 
-from bench.data import DatasetSpec
-from bench.defense import Defense
-from bench.registry import DEFENSES
-from bench.subbatch import rows_within
+from bench.core.data import DatasetSpec
+from bench.core.defense import Defense
+from bench.core.registry import DEFENSES
+from bench.core.subbatch import rows_within
 from defenses.pixeldp.noise import NoiseLayer, os_seeded_generator
 
 ABSTAIN = -1  # the label of an abstention: never equal to a true label, so it counts as wrong everywhere
@@ -46,7 +46,7 @@ def class_counts(model: SmoothedClassifier, x: torch.Tensor, draws: int, classes
     """(N, K) int64: how often the base classifier's argmax is each class over `draws` noisy copies of each image.
 
     A forward holds `rows` noisy images: at most `chunk_rows`, and at most `chunk_bytes` at the
-    measured cost of one (bench.subbatch.rows_within; None: half the free memory on CUDA, no
+    measured cost of one (bench.core.subbatch.rows_within; None: half the free memory on CUDA, no
     bound elsewhere). Noise order (so that an independent implementation can replay the
     generator): images in blocks of max(1, rows // draws); per block, draws in pieces of
     min(draws, rows) per image, each piece one (block, piece, C, H, W) draw from the noise layer's generator.

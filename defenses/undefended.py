@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.defense import Defense
-from bench.registry import DEFENSES
+from bench.core.defense import Defense
+from bench.core.registry import DEFENSES
 
 
 @DEFENSES.register("undefended", family="undefended", randomized=False, certified=False)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.data import DatasetSpec
-from bench.registry import DEFENSES
+from bench.core.data import DatasetSpec
+from bench.core.registry import DEFENSES
 from defenses.undefended import Undefended
 
 
@@ -16,7 +16,7 @@ class UserModel(Undefended):
 
     With the default `steps = 0` the model is evaluated as given (weights required); with
     steps > 0 it is trained (or fine-tuned from `weights`) with cross-entropy like the undefended
-    baseline. Every defense takes the same `factory` / `arch` / `weights` parameters (bench.weights);
+    baseline. Every defense takes the same `factory` / `arch` / `weights` parameters (bench.core.weights);
     use `wong_kolter` or `randomized_smoothing` with them to certify your model.
     """
 

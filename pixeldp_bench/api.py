@@ -7,9 +7,9 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from bench.api import results_folder, run_profile
-from bench.config import ConfigError
-from bench.plugins import load_plugins
+from bench.cli.session import results_folder, run_profile
+from bench.profile.config import ConfigError
+from bench.profile.plugins import load_plugins
 from pixeldp_bench.memory import name_models, register_models
 from pixeldp_bench.runs import Run
 

@@ -12,15 +12,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bench.api import pick_device, read_profile, results_folder
-from bench.config import ConfigError
-from bench.runner import keyed
-from bench.plugins import load_plugins
-from bench.preflight import check_defenses, resolve_weights
-from bench.registry import DATASETS
-from bench.runner import Runner, RunOptions
-from bench.store import STORE_NAME, Store
-from bench.types import Cell
+from bench.cli.session import pick_device, read_profile, results_folder
+from bench.profile.config import ConfigError
+from bench.execution.runner import keyed
+from bench.profile.plugins import load_plugins
+from bench.profile.preflight import check_defenses, resolve_weights
+from bench.core.registry import DATASETS
+from bench.execution.runner import Runner, RunOptions
+from bench.execution.store import STORE_NAME, Store
+from bench.core.types import Cell
 from pixeldp_bench.memory import register_models
 from pixeldp_bench.runs import CELL_COLUMNS, RECORD_COLUMNS
 
@@ -67,7 +67,7 @@ def _dataset(x: torch.Tensor, y: torch.Tensor, name: str | None) -> str:
         if tuple(spec.shape) == shape and int(y.min()) >= 0 and int(y.max()) < spec.classes:
             return candidate
     raise ConfigError(f"no registered dataset has images of shape {shape} and labels 0..{int(y.max())}"
-                      + (f" ({name!r} does not fit)" if name is not None else "; register one (bench.data)"))
+                      + (f" ({name!r} does not fit)" if name is not None else "; register one (bench.core.data)"))
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,

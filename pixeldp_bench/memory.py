@@ -11,10 +11,10 @@ from typing import Any
 
 from torch import nn
 
-from bench.atomic import write_bytes
-from bench.config import ConfigError, Profile
-from bench.fingerprint import code_fingerprint
-from bench.weights import WeightsError
+from bench.core.atomic import write_bytes
+from bench.profile.config import ConfigError, Profile
+from bench.execution.fingerprint import code_fingerprint
+from bench.core.weights import WeightsError
 
 __all__ = ["MEMORY_PREFIX", "build", "model_code", "name_models", "register_models", "save_weights"]
 
@@ -41,7 +41,7 @@ def _class_source(cls: type) -> str:
 
 def model_code(module: nn.Module) -> str:
     """SHA-256 of the network's code: every layer's class source, the files it uses (as a factory's are
-    fingerprinted, bench.fingerprint), and its structure (repr: layer sizes and options)."""
+    fingerprinted, bench.execution.fingerprint), and its structure (repr: layer sizes and options)."""
     classes = sorted({type(m) for m in module.modules()}, key=lambda c: (c.__module__, c.__qualname__))
     digest = hashlib.sha256(repr(module).encode())
     for cls in classes:

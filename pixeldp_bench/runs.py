@@ -9,14 +9,14 @@ from typing import Any
 
 import pandas as pd
 
-from bench.api import STORE_NAME, default_results_dir, load_run_plugins
-from bench.checks import run_checks
-from bench.compare import check_complete, compare_runs, open_run
-from bench.plugins import load_plugins
-from bench.report import run_frames, write_report
-from bench.store import Store, StoreError
-from bench.table_registry import tables
-from bench.types import Record
+from bench.cli.session import STORE_NAME, default_results_dir, load_run_plugins
+from bench.reporting.checks import run_checks
+from bench.reporting.compare import check_complete, compare_runs, open_run
+from bench.profile.plugins import load_plugins
+from bench.reporting.report import run_frames, write_report
+from bench.execution.store import Store, StoreError
+from bench.reporting.table_registry import tables
+from bench.core.types import Record
 
 __all__ = ["Run", "load_run"]
 

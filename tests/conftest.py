@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from bench.data import gather, load_split, select_examples
+from bench.core.data import gather, load_split, select_examples
 from defenses.undefended import Undefended
-from bench.plugins import load_plugins
-from bench.registry import DATASETS
-from bench.training import fit
+from bench.profile.plugins import load_plugins
+from bench.core.registry import DATASETS
+from bench.execution.training import fit
 
 # Built-ins and installed plugins (the test env installs tests/plugin_pkg), as the CLI loads them:
 # the registries are the same in every test whatever ran first, and contract tests cover the plugin.

@@ -6,9 +6,9 @@ import functools
 
 import torch
 
-from bench.data import load_split
-from bench.registry import DATASETS
-from bench.training import fit
+from bench.core.data import load_split
+from bench.core.registry import DATASETS
+from bench.execution.training import fit
 from defenses.pixeldp.defense import PixelDP
 
 TRAIN_STEPS = 300

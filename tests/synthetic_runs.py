@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 import random
 
-from bench.keys import cell_key
-from bench.store import Store
-from bench.types import Cell, Record
+from bench.execution.keys import cell_key
+from bench.execution.store import Store
+from bench.core.types import Cell, Record
 
 N = 20
 L_ATTACK = {"l2": [0.0, 0.5, 1.0], "linf": [0.0, 0.1, 0.3]}

@@ -9,8 +9,8 @@ from torch import nn
 
 from attacks.apgd import auto_pgd, checkpoints, dlr_loss, targeted_dlr_loss
 from attacks.eot import EOT
-from bench.registry import ATTACKS
-from bench.types import ThreatModel
+from bench.core.registry import ATTACKS
+from bench.core.types import ThreatModel
 
 
 def test_checkpoints_follow_the_paper():

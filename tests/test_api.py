@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 
 import pixeldp_bench
-from bench.cli import main
-from bench.config import ConfigError
-from bench.data import REPO_ROOT
-from bench.table_registry import tables
+from bench.cli.main import main
+from bench.profile.config import ConfigError
+from bench.core.data import REPO_ROOT
+from bench.reporting.table_registry import tables
 from pixeldp_bench import Run, load_run
 
 TINY_TOML = """

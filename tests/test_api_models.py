@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 import pixeldp_bench
-from bench.config import ConfigError
-from bench.data import gather, load_split, select_examples
-from bench.table_registry import tables
+from bench.profile.config import ConfigError
+from bench.core.data import gather, load_split, select_examples
+from bench.reporting.table_registry import tables
 
 NETS = textwrap.dedent('''
     from torch import nn
@@ -199,7 +199,7 @@ def test_saving_weights_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     """The model folder is made by the atomic writer too: ENOSPC there is the writer's one line, no raw OSError."""
     import errno
 
-    from bench.atomic import OutputWriteError
+    from bench.core.atomic import OutputWriteError
     from pixeldp_bench.memory import save_weights
 
     def full(*args, **kwargs):

@@ -9,11 +9,11 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import inception_v3 as tv_inception_v3
 
-from bench.archs import describe_models
-from bench.cli import main
-from bench.data import DatasetError
-from bench.models import ImageClassifier, Normalize, build_model, count_parameters
-from bench.registry import MODELS
+from bench.core.archs import describe_models
+from bench.cli.main import main
+from bench.core.data import DatasetError
+from bench.core.models import ImageClassifier, Normalize, build_model, count_parameters
+from bench.core.registry import MODELS
 
 # Cheap settings for the interface test; anything not listed is built at its defaults.
 CHEAP = {
@@ -214,7 +214,7 @@ def test_missing_or_corrupt_weights_give_clear_messages(tmp_path, monkeypatch):
     monkeypatch.setenv("PIXELDP_BENCH_WEIGHTS", str(tmp_path / "none"))
     monkeypatch.setenv("PIXELDP_BENCH_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    from bench.archs import inception
+    from bench.core.archs import inception
 
     inception._warn_missing.cache_clear()
     with warnings.catch_warnings(record=True) as caught:

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from bench.registry import ATTACKS
-from bench.types import ThreatModel
+from bench.core.registry import ATTACKS
+from bench.core.types import ThreatModel
 
 # A budget that breaks the smoke CNN (and a smaller one for the ball check).
 # L1 in [0,1]-pixel units: 20 flips 20 of the 784 pixels from 0 to 1.

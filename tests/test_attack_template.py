@@ -9,8 +9,8 @@ import torch
 
 from attacks.template import AttackOutputError, register_attack, templated
 from attacks.variants import with_eot
-from bench.registry import ATTACKS, Registry
-from bench.types import ThreatModel
+from bench.core.registry import ATTACKS, Registry
+from bench.core.types import ThreatModel
 
 
 def scratch_registry() -> Registry:

@@ -1,4 +1,4 @@
-"""Reading a baseline export (bench.baseline.load_export): a bad file is one StoreError line, never a traceback."""
+"""Reading a baseline export (bench.reporting.baseline.load_export): a bad file is one StoreError line."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 from synthetic_runs import fill_store
 
-from bench.baseline import export_run, load_export
-from bench.cli import main
-from bench.store import Store, StoreError
+from bench.reporting.baseline import export_run, load_export
+from bench.cli.main import main
+from bench.execution.store import Store, StoreError
 
 
 @pytest.fixture

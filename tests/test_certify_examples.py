@@ -4,11 +4,11 @@ from __future__ import annotations
 import pandas as pd
 from dataset_files import write_mnist
 
-import bench.runner
-from bench.cli import main
-from bench.config import parse_profile
-from bench.data import load_split, select_examples
-from bench.store import Store
+import bench.execution.runner
+from bench.cli.main import main
+from bench.profile.config import parse_profile
+from bench.core.data import load_split, select_examples
+from bench.execution.store import Store
 
 PROFILE = """
 [run]
@@ -81,7 +81,7 @@ def test_the_certify_subset_is_read_once_for_all_clean_cells(tmp_path, capsys, m
         reads.append(split)
         return load_split(dataset, split, *args, **kwargs)
 
-    monkeypatch.setattr(bench.runner, "load_split", counting_load_split)
+    monkeypatch.setattr(bench.execution.runner, "load_split", counting_load_split)
     data = tmp_path / "data"
     write_mnist(data, classes=range(4), per_class=4)
     second = '\n[defenses."pixeldp_L0.3"]\ndefense = "pixeldp"\nparams = { arch = "cnn_small", steps = 2, L = 0.3, ' \

@@ -1,10 +1,10 @@
-"""bench.checks flags the classic evaluation mistakes from records alone."""
+"""bench.reporting.checks flags the classic evaluation mistakes from records alone."""
 from __future__ import annotations
 
 import math
 
-from bench.checks import run_checks as all_checks
-from bench.types import Cell, Record
+from bench.reporting.checks import run_checks as all_checks
+from bench.core.types import Cell, Record
 
 L_ATTACK = {"l2": [0.0, 1.0], "linf": [0.0, 0.1]}
 

@@ -1,8 +1,8 @@
 """The gradient-masking checks: a gradient-free attack beating the white-box ones, and accuracy left at a huge eps."""
 from __future__ import annotations
 
-from bench.checks import huge_eps, run_checks
-from bench.types import Cell, Record
+from bench.reporting.checks import huge_eps, run_checks
+from bench.core.types import Cell, Record
 
 L_ATTACK = {"l2": [0.0, 1.0], "linf": [0.0, 0.1]}
 

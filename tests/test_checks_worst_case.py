@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from bench.baseline import load_export
-from bench.checks import run_checks
-from bench.checks_worst_case import MIN_EOT_DRAWS, check_weak_worst_case
-from bench.config import load_profile, shipped_profiles
-from bench.report import run_data
-from bench.types import Cell, Record
+from bench.reporting.baseline import load_export
+from bench.reporting.checks import run_checks
+from bench.reporting.checks_worst_case import MIN_EOT_DRAWS, check_weak_worst_case
+from bench.profile.config import load_profile, shipped_profiles
+from bench.reporting.report import run_data
+from bench.core.types import Cell, Record
 
 ROOT = Path(__file__).resolve().parents[1]
 # The attack cells of results/baselines/mnist-cpu as committed before issue 25 (f64aeb0): CW-L2-EOT with

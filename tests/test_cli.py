@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.cli import build_parser, main
-from bench.store import Store
+from bench.cli.main import build_parser, main
+from bench.execution.store import Store
 
 TINY = """
 [run]
@@ -139,7 +139,7 @@ def test_help_everywhere(capsys):
 def test_an_attack_whose_output_check_fails_is_one_line(tmp_path, capsys):
     """A (plugin) attack the template catches leaving its ball: exit 2, one line naming it; earlier cells are kept."""
     from attacks.template import register_attack
-    from bench.registry import ATTACKS
+    from bench.core.registry import ATTACKS
 
     def overshoot(model, x, y, *, threat, generator=None):
         return (x + 2 * threat.eps).clamp(0, 1)  # claims to project, does not

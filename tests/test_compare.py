@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 
 import pixeldp_bench
-from bench.baseline import export_run, load_export
-from bench.cli import main
-from bench.compare import (Outcomes, compare_outcomes, holm, missing_from_new, only_common, open_run, paired_test,
-                           run_outcomes)
-from bench.data import REPO_ROOT
-from bench.store import Store
+from bench.reporting.baseline import export_run, load_export
+from bench.cli.main import main
+from bench.reporting.compare import (Outcomes, compare_outcomes, holm, missing_from_new, only_common, open_run,
+                                     paired_test, run_outcomes)
+from bench.core.data import REPO_ROOT
+from bench.execution.store import Store
 from synthetic_runs import fill_store
 
 TINY = """
@@ -126,7 +126,7 @@ def test_holm_adjustment():
 
 
 def test_tolerance_and_alpha_decide_the_status():
-    from bench.compare import Outcomes
+    from bench.reporting.compare import Outcomes
 
     base = Outcomes({("accuracy", "d", "m", "clean"): {i: i < 90 for i in range(100)}}, {})
     new = Outcomes({("accuracy", "d", "m", "clean"): {i: i < 80 for i in range(100)}}, {})

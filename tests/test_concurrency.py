@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from bench.cli import main
+from bench.cli.main import main
 
 BASE = """
 [run]

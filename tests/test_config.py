@@ -1,8 +1,8 @@
 """Profiles: shipped ones parse; every malformed input gives a ConfigError naming the problem."""
 import pytest
 
-from bench.config import ConfigError, load_profile, parse_profile, shipped_profiles
-from bench.registry import UnknownNameError
+from bench.profile.config import ConfigError, load_profile, parse_profile, shipped_profiles
+from bench.core.registry import UnknownNameError
 
 BASE = """
 [run]
@@ -71,7 +71,7 @@ def test_unknown_profile_name():
 
 
 def test_an_attack_entry_can_use_a_nested_subset_of_the_examples():
-    from bench.data import load_split, select_examples
+    from bench.core.data import load_split, select_examples
 
     text = BASE.replace("[attacks.pgd_linf]", "[attacks.pgd_linf]\nexamples = 4")
     profile = parse_profile(text, "t")

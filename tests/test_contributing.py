@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.cli import main
-from bench.registry import ATTACKS, DEFENSES
-from bench.store import Store
-from bench.table_registry import TABLES
+from bench.cli.main import main
+from bench.core.registry import ATTACKS, DEFENSES
+from bench.execution.store import Store
+from bench.reporting.table_registry import TABLES
 
 GUIDE = Path(__file__).resolve().parents[1] / "CONTRIBUTING.md"
 RECIPES = {"attack": ("Add an attack", "fgsm", ATTACKS), "defense": ("Add a defense", "label_smoothing", DEFENSES),

@@ -8,11 +8,11 @@ from scipy.optimize import linprog
 from torch import nn
 
 from attacks.pgd import projected_gradient_descent
-from bench.data import gather, load_split, select_examples
-from bench.models import ImageClassifier, Normalize
-from bench.registry import DATASETS, DEFENSES, MODELS
-from bench.training import fit
-from bench.types import ThreatModel
+from bench.core.data import gather, load_split, select_examples
+from bench.core.models import ImageClassifier, Normalize
+from bench.core.registry import DATASETS, DEFENSES, MODELS
+from bench.execution.training import fit
+from bench.core.types import ThreatModel
 from defenses.convex.bounds import (METHODS, BoundError, ReLU, intermediate_bounds, linearize,
                                     margin_lower_bounds)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.data import gather, load_split, select_examples
-from bench.registry import DATASETS
+from bench.core.data import gather, load_split, select_examples
+from bench.core.registry import DATASETS
 from defenses.convex.bounds import margin_lower_bounds
 from defenses.convex.defense import WongKolter
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attacks.cw import carlini_wagner_l2, cw_l2, margin_loss
-from bench.types import ThreatModel
+from bench.core.types import ThreatModel
 
 INF_L2 = ThreatModel("l2", math.inf)
 

@@ -6,8 +6,8 @@ import math
 import torch
 
 from attacks.cw import PAPER, cw_l2
-from bench.registry import ATTACKS
-from bench.types import ThreatModel
+from bench.core.registry import ATTACKS
+from bench.core.types import ThreatModel
 
 EXAMPLES = 40
 

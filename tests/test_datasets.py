@@ -10,9 +10,9 @@ import torchvision
 from dataset_files import (IMAGENET_WNIDS, imagenet_color, write_cifar10, write_cifar100, write_imagenet, write_mnist,
                            write_svhn)
 
-from bench.cli import main
-from bench.data import DatasetError, data_root, gather, get_spec, load_split, select_examples
-from bench.data.augment import horizontal_flip, pad_crop_flip
+from bench.cli.main import main
+from bench.core.data import DatasetError, data_root, gather, get_spec, load_split, select_examples
+from bench.core.data.augment import horizontal_flip, pad_crop_flip
 
 WRITERS = {"mnist": write_mnist, "svhn": write_svhn, "cifar10": write_cifar10, "cifar100": write_cifar100}
 SHAPES = {"mnist": (1, 28, 28), "svhn": (3, 32, 32), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),

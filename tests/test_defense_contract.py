@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench.data import DatasetSpec
-from bench.defense import CertifiedDefense, Defense
-from bench.registry import DEFENSES, RegistrationError
+from bench.core.data import DatasetSpec
+from bench.core.defense import CertifiedDefense, Defense
+from bench.core.registry import DEFENSES, RegistrationError
 
 SPEC = DatasetSpec(name="contract", shape=(1, 28, 28), classes=4, load=lambda *a: None, default_model="cnn_small")
 N = 6

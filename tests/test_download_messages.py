@@ -9,10 +9,10 @@ import urllib.error
 import pytest
 import torchvision
 
-import bench.zoo as zoo
-from bench.atomic import OutputWriteError
-from bench.data import DatasetError, load_split
-from bench.weights import WeightsError
+import bench.core.zoo as zoo
+from bench.core.atomic import OutputWriteError
+from bench.core.data import DatasetError, load_split
+from bench.core.weights import WeightsError
 
 # name -> the torchvision class whose download() the loader calls, and a fragment of the by-hand instructions
 DATASETS = {"mnist": (torchvision.datasets.MNIST, "ossci-datasets"),

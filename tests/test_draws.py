@@ -1,4 +1,4 @@
-"""The one noise-replicating forward pass (bench.draws) and its three users: EOT, PixelDP sampling, overhead timing."""
+"""The one noise-replicating forward pass (bench.core.draws) and its users: EOT, PixelDP sampling, overhead timing."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from attacks.eot import EOT
-from bench.draws import noise_split, noisy_logits
-from bench.overhead import monte_carlo_predict
-from bench.registry import DATASETS
+from bench.core.draws import noise_split, noisy_logits
+from bench.execution.overhead import monte_carlo_predict
+from bench.core.registry import DATASETS
 from defenses.pixeldp.defense import PixelDP
 
 

@@ -1,6 +1,6 @@
 """A disk that fills at any file the harness writes: one error line, no partial file, nothing good lost, rerun works.
 
-Every file goes through bench.atomic. A counting run records each write the command makes; then the
+Every file goes through bench.core.atomic. A counting run records each write the command makes; then the
 command is run again once per write, the k-th failing with ENOSPC (while the temporary file is
 flushed, or while it is renamed over the target).
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-import bench.atomic
-from bench.cli import main
+import bench.core.atomic
+from bench.cli.main import main
 
 TINY = """
 [run]
@@ -36,7 +36,7 @@ TABLE_SUFFIXES = (".csv", ".md", ".tex")
 
 @dataclass
 class Disk:
-    """Stands between bench.atomic and the disk: records each file written; the `fail_at`-th (0-based) fails."""
+    """Stands between bench.core.atomic and the disk: records each file written; the `fail_at`-th (0-based) fails."""
 
     fail_at: int | None = None
     stage: str = "sync"  # "sync": the temporary file's flush fails; "replace": its rename over the target
@@ -45,7 +45,7 @@ class Disk:
     store: Path | None = None
 
     def install(self, monkeypatch) -> Disk:
-        sync, replace = bench.atomic._sync, bench.atomic._replace
+        sync, replace = bench.core.atomic._sync, bench.core.atomic._replace
 
         def counted_sync(tmp: Path) -> None:
             self.written.append(tmp.parent / tmp.name[1:].rsplit(".", 2)[0])  # ".<name>.<random>.tmp"
@@ -57,8 +57,8 @@ class Disk:
             self._maybe_fail("replace")
             replace(tmp, target)
 
-        monkeypatch.setattr(bench.atomic, "_sync", counted_sync)
-        monkeypatch.setattr(bench.atomic, "_replace", failing_replace)
+        monkeypatch.setattr(bench.core.atomic, "_sync", counted_sync)
+        monkeypatch.setattr(bench.core.atomic, "_replace", failing_replace)
         return self
 
     def _maybe_fail(self, stage: str) -> None:
@@ -79,7 +79,7 @@ def stored_cells(store: Path) -> int:
 
 
 def snapshot(folder: Path) -> dict[Path, bytes]:
-    """Every file under `folder` but the SQLite store (written by SQLite, not by bench.atomic)."""
+    """Every file under `folder` but the SQLite store (written by SQLite, not by bench.core.atomic)."""
     return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in STORE_FILES}
 
 
@@ -176,7 +176,7 @@ def test_a_full_disk_at_every_write(name, stage, tmp_path, profile, finished, ca
             shutil.copytree(finished, results)
         return results
 
-    # The counting run: every file the command writes, and nothing written around bench.atomic.
+    # The counting run: every file the command writes, and nothing written around bench.core.atomic.
     results = prepared("counting")
     before = snapshot(results)
     counting = Disk(store=results / "store.sqlite")
@@ -187,7 +187,7 @@ def test_a_full_disk_at_every_write(name, stage, tmp_path, profile, finished, ca
     after = snapshot(results)
     changed = {p for p in after if before.get(p) != after[p]}
     around = changed - set(counting.written)
-    assert not around, "written around bench.atomic: " + ", ".join(map(str, sorted(around)))
+    assert not around, "written around bench.core.atomic: " + ", ".join(map(str, sorted(around)))
     sites = len(counting.written)
     stems = ("accuracy_under_attack",) if scenario.cold else None  # retraining changes the measured timings
     reference = tables_of(scenario.output(results), stems)
@@ -232,8 +232,8 @@ def full_disk(*args, **kwargs):
 
 def test_a_write_replaces_whole_and_leaves_nothing_else(tmp_path):
     target = tmp_path / "sub" / "table.md"
-    assert bench.atomic.write_text(target, "one\n") == target
-    bench.atomic.write_bytes(target, b"two\r\n")  # bytes as given: no newline translation
+    assert bench.core.atomic.write_text(target, "one\n") == target
+    bench.core.atomic.write_bytes(target, b"two\r\n")  # bytes as given: no newline translation
     assert target.read_bytes() == b"two\r\n" and [p.name for p in target.parent.iterdir()] == ["table.md"]
     umask = os.umask(0)
     os.umask(umask)
@@ -248,7 +248,7 @@ def test_a_library_that_fails_midway_leaves_the_old_file(tmp_path):
         path.write_bytes(b"half a fig")
         full_disk()
 
-    with pytest.raises(bench.atomic.OutputWriteError) as info, bench.atomic.atomic_path(target) as tmp:
+    with pytest.raises(bench.core.atomic.OutputWriteError) as info, bench.core.atomic.atomic_path(target) as tmp:
         half_then_full(tmp)
     assert str(info.value) == (f"cannot write {target} (No space left on device); free disk space and re-run the "
                                "same command")
@@ -257,7 +257,7 @@ def test_a_library_that_fails_midway_leaves_the_old_file(tmp_path):
 
 def test_other_errors_propagate_unchanged_and_clean_up(tmp_path):
     target = tmp_path / "model.safetensors"
-    with pytest.raises(KeyError), bench.atomic.atomic_path(target) as tmp:
+    with pytest.raises(KeyError), bench.core.atomic.atomic_path(target) as tmp:
         tmp.write_bytes(b"x")
         raise KeyError("a bug keeps its traceback")
     assert not list(tmp_path.iterdir())
@@ -270,18 +270,19 @@ def test_the_message_fits_the_error_and_the_command(code, remedy, tmp_path, monk
     def refuse(*args):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(bench.atomic, "_replace", refuse)
-    with pytest.raises(bench.atomic.OutputWriteError) as info, bench.atomic.advice("re-run `pixeldp-bench report X`"):
-        bench.atomic.write_text(tmp_path / "run.json", "{}")
+    monkeypatch.setattr(bench.core.atomic, "_replace", refuse)
+    with pytest.raises(bench.core.atomic.OutputWriteError) as info, \
+            bench.core.atomic.advice("re-run `pixeldp-bench report X`"):
+        bench.core.atomic.write_text(tmp_path / "run.json", "{}")
     assert str(info.value) == (f"cannot write {tmp_path / 'run.json'} ({os.strerror(code)}); "
                                f"{remedy.format(folder=tmp_path)} and re-run `pixeldp-bench report X`")
     assert not list(tmp_path.iterdir())
 
 
 def test_a_model_shipped_by_ray_onto_a_full_disk(tmp_path, monkeypatch):
-    from bench.ray_executor import _store_model
+    from bench.execution.ray_executor import _store_model
 
-    monkeypatch.setattr(bench.atomic, "_sync", full_disk)
-    with pytest.raises(bench.atomic.OutputWriteError, match="m.safetensors"):
+    monkeypatch.setattr(bench.core.atomic, "_sync", full_disk)
+    with pytest.raises(bench.core.atomic.OutputWriteError, match="m.safetensors"):
         _store_model(tmp_path / "models", "m.safetensors", b"weights")
     assert not list((tmp_path / "models").iterdir())

@@ -7,9 +7,9 @@ from torch import nn
 
 from attacks.adapters import KeepMode
 from attacks.eot import EOT
-from bench.models import build_model
-from bench.registry import ATTACKS
-from bench.types import ThreatModel
+from bench.core.models import build_model
+from bench.core.registry import ATTACKS
+from bench.core.types import ThreatModel
 
 
 class RecordingNoise(nn.Module):

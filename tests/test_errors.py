@@ -10,9 +10,9 @@ import pytest
 import attacks
 import bench
 import defenses
-from bench import cli
-from bench.errors import UserError
-from bench.training import TrainingDivergedError
+from bench.cli import main as cli
+from bench.core.errors import UserError
+from bench.execution.training import TrainingDivergedError
 
 
 def harness_modules():
@@ -40,11 +40,11 @@ def test_every_error_the_harness_defines_is_a_user_error():
     found = harness_exceptions()
     assert len(found) >= 15  # config, registry, store, data, weights, plugins, attacks, bounds, training, ...
     outside = sorted(f"{cls.__module__}.{cls.__qualname__}" for cls in found if not issubclass(cls, UserError))
-    assert outside == [], "derive these from bench.errors.UserError (or make them bugs that keep a traceback)"
+    assert outside == [], "derive these from bench.core.errors.UserError (or make them bugs that keep a traceback)"
 
 
 def test_the_errors_module_imports_nothing_of_the_harness():
-    source = inspect.getsource(importlib.import_module("bench.errors"))
+    source = inspect.getsource(importlib.import_module("bench.core.errors"))
     assert "import bench" not in source and "from bench" not in source
 
 
@@ -83,7 +83,7 @@ def test_a_bug_keeps_its_traceback(bug, monkeypatch):
 
 def test_user_errors_keep_their_builtin_bases():
     """Callers that catch ValueError, KeyError or FloatingPointError keep working."""
-    from bench.config import ConfigError
-    from bench.registry import UnknownNameError
+    from bench.profile.config import ConfigError
+    from bench.core.registry import UnknownNameError
     assert issubclass(ConfigError, ValueError) and issubclass(UnknownNameError, KeyError)
     assert issubclass(TrainingDivergedError, FloatingPointError)

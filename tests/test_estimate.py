@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.cli import main
-from bench.config import parse_profile
-from bench.estimate import estimate_profile, extrapolate, training_step_flops
-from bench.registry import DATASETS, DEFENSES
+from bench.cli.main import main
+from bench.profile.config import parse_profile
+from bench.execution.estimate import estimate_profile, extrapolate, training_step_flops
+from bench.core.registry import DATASETS, DEFENSES
 
 TINY = """
 [run]

@@ -10,8 +10,8 @@ import torch
 import torchvision
 from dataset_files import write_fashion_mnist, write_idx, write_mnist
 
-from bench.cli import main
-from bench.data import DatasetError, gather, get_spec, load_split
+from bench.cli.main import main
+from bench.core.data import DatasetError, gather, get_spec, load_split
 
 RAW = Path("FashionMNIST") / "raw"
 

@@ -10,10 +10,10 @@ import torch
 
 from attacks.eot import EOT
 from attacks.pgd import projected_gradient_descent
-from bench.models import build_model
-from bench.registry import DATASETS
-from bench.speed import apply_speed
-from bench.types import ThreatModel
+from bench.core.models import build_model
+from bench.core.registry import DATASETS
+from bench.profile.speed import apply_speed
+from bench.core.types import ThreatModel
 from defenses.pixeldp.defense import PixelDP
 from defenses.pixeldp.sampling import block_rows
 from defenses.pixeldp.sensitivity import DividedConv2d, conv_l1_bound, conv_l1_l2_bound, conv_l2_bound, \

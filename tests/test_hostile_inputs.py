@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import bench.atomic
-from bench.atomic import OutputWriteError
-from bench.cache import ModelCache
-from bench.cli import main
-from bench.store import Store
+import bench.core.atomic
+from bench.core.atomic import OutputWriteError
+from bench.execution.cache import ModelCache
+from bench.cli.main import main
+from bench.execution.store import Store
 from defenses.pixeldp.certify import cohen_radius, pixeldp_gaussian_radius, pixeldp_laplace_radius, renyi_radius
 
 TINY = """
@@ -176,14 +176,14 @@ def test_disk_full_in_the_store_keeps_finished_cells_and_resumes(tiny, tmp_path,
 
 
 def test_disk_full_while_saving_a_model(tiny, tmp_path, capsys, monkeypatch):
-    sync = bench.atomic._sync
+    sync = bench.core.atomic._sync
 
     def full(path):
         if ".safetensors." in path.name:  # the model's temporary file: the disk fills as it is flushed
             raise OSError(errno.ENOSPC, "No space left on device")
         sync(path)
 
-    monkeypatch.setattr(bench.atomic, "_sync", full)
+    monkeypatch.setattr(bench.core.atomic, "_sync", full)
     err = one_line_error(capsys, "run", tiny, "--results", tmp_path / "r", "--quiet")
     assert ".safetensors (No space left on device); free disk space" in err and "kept in the store" in err
     assert not [p for p in (tmp_path / "r").rglob("*") if p.name.endswith(".tmp")]
@@ -298,7 +298,7 @@ def test_radius_never_falls_as_p_lb_rises_or_p_ub_falls(name):
 
 
 def test_a_cell_with_missing_records_is_never_stored(tiny, tmp_path, capsys, monkeypatch):
-    from bench.runner import Runner
+    from bench.execution.runner import Runner
 
     real = Runner.run_cell
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-import bench.fingerprint as fingerprint
-from bench.cli import main
-from bench.config import ConfigError, load_profile, parse_profile
-from bench.fingerprint import code_fingerprint, source_files
-from bench.params import resolve_attack_params
-from bench.runner import keyed
-from bench.registry import ATTACKS
+import bench.execution.fingerprint as fingerprint
+from bench.cli.main import main
+from bench.profile.config import ConfigError, load_profile, parse_profile
+from bench.execution.fingerprint import code_fingerprint, source_files
+from bench.profile.params import resolve_attack_params
+from bench.execution.runner import keyed
+from bench.core.registry import ATTACKS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,15 +41,20 @@ def test_editing_pgd_recomputes_exactly_the_cells_that_run_pgd_code(monkeypatch)
     assert not any(cells[i].attack == "none" and cells[i].defense != "madry" for i in changed)
 
 
-@pytest.mark.parametrize("edited", ["bench/cli.py", "bench/api.py", "bench/toml_text.py", "bench/report.py",
-                                    "bench/plots.py", "bench/compare.py", "pixeldp_bench/runs.py"])
+@pytest.mark.parametrize("edited", ["bench/cli/main.py", "bench/cli/session.py", "bench/profile/toml_text.py",
+                                    "bench/reporting/report.py", "bench/reporting/plots.py",
+                                    "bench/reporting/compare.py",
+                                    "pixeldp_bench/runs.py"])
 def test_editing_reporting_code_recomputes_nothing(monkeypatch, edited):
     assert _changed_keys(monkeypatch, load_profile("smoke").cells, edited) == set()
 
 
+ALL_KINDS = {"pixeldp", "undefended", "madry", "wong_kolter"}
+
+
 @pytest.mark.parametrize("edited, kinds", [("defenses/pixeldp/noise.py", {"pixeldp"}),
-                                           ("bench/runner.py", {"pixeldp", "undefended", "madry", "wong_kolter"}),
-                                           ("bench/training.py", {"pixeldp", "undefended", "madry", "wong_kolter"})])
+                                           ("bench/execution/runner.py", ALL_KINDS),
+                                           ("bench/execution/training.py", ALL_KINDS)])
 def test_defense_and_harness_edits_reach_their_cells(monkeypatch, edited, kinds):
     cells = load_profile("smoke").cells
     changed = _changed_keys(monkeypatch, cells, edited)

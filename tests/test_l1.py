@@ -9,9 +9,9 @@ from torch import nn
 
 from attacks.apgd_l1 import apgd_l1, sparse_direction
 from attacks.pgd import projected_gradient_descent
-from bench.config import parse_profile
-from bench.registry import ATTACKS
-from bench.types import ThreatModel, add_towards_centre, project_l1_box
+from bench.profile.config import parse_profile
+from bench.core.registry import ATTACKS
+from bench.core.types import ThreatModel, add_towards_centre, project_l1_box
 
 
 def bisection_projection(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -222,9 +222,9 @@ params = { steps = 20 }
 
 
 def test_tables_and_plots_show_an_l1_column_and_panel():
-    from bench.plots import plot_accuracy_vs_attack
-    from bench.tables import accuracy_frame, accuracy_pivot
-    from bench.types import Cell, Record
+    from bench.reporting.plots import plot_accuracy_vs_attack
+    from bench.reporting.tables import accuracy_frame, accuracy_pivot
+    from bench.core.types import Cell, Record
 
     def records(adv_preds, norms):
         return [Record(index=i, label=1, clean_pred=1, adv_pred=p, norm=v, radius=None, seconds=0.0, forward_passes=1)

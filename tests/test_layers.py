@@ -17,22 +17,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("bench", "attacks", "defenses", "pixeldp_bench")
 
-# bench/ module (its first dotted component below `bench`) -> layer.
+# bench/ module (its first dotted component below `bench`) -> layer: one subpackage per layer, plus the
+# re-export modules kept at the paths plugins and CONTRIBUTING.md import (bench.registry, ...).
 BENCH_LAYERS = {
-    "core": {"", "errors", "types", "registry", "atomic", "stats", "draws", "precision", "subbatch", "data",
-             "models", "archs", "defense", "weights", "zoo"},
+    "core": {"", "core", "errors", "types", "registry", "precision", "defense"},
     "builtins": {"builtins"},
-    "profile": {"speed", "plugins", "params", "config", "preflight", "toml_text"},
-    "execution": {"fingerprint", "keys", "checksums", "store", "cache", "training", "trained_models", "overhead",
-                  "gradient_probe", "runner", "dryrun", "ray_executor", "environment", "estimate"},
-    "reporting": {"tables", "tables_certified", "tables_overhead", "tables_published", "table_registry", "checks",
-                  "checks_worst_case", "plots", "report", "compare", "baseline"},
-    "app": {"api", "cli", "__main__", "store_tools"},
+    "profile": {"profile"},
+    "execution": {"execution"},
+    "reporting": {"reporting", "table_registry"},
+    "app": {"cli", "__main__"},
 }
+# The re-export modules: old path -> the moved module they stand for.
+REEXPORTS = {"bench.defense": "bench.core.defense", "bench.registry": "bench.core.registry",
+             "bench.types": "bench.core.types", "bench.errors": "bench.core.errors",
+             "bench.precision": "bench.core.precision", "bench.table_registry": "bench.reporting.table_registry"}
 ORDER = ["core", "attacks", "defenses", "builtins", "profile", "execution", "reporting", "app"]
 # Function-level imports of harness modules that stay, each for import cost (never for a cycle).
 ALLOWED_LATE = {
-    ("bench/training.py", "bench.data.torchvision_sets"): "torchvision is imported only for decoded datasets",
+    ("bench/execution/training.py", "bench.core.data.torchvision_sets"): "torchvision only for decoded datasets",
 }
 
 
@@ -107,19 +109,33 @@ def test_no_function_level_imports_of_the_harness():
         "\n".join(unexpected)
 
 
-@pytest.mark.parametrize("module", ["bench.defense", "bench.registry", "bench.models"])
+@pytest.mark.parametrize("module", ["bench.core.defense", "bench.core.registry", "bench.core.models"])
 def test_the_core_loads_no_profile_key_fingerprint_or_plugin_module(module):
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], capture_output=True,
                          text=True, check=True, cwd=ROOT).stderr
     loaded = {line.rsplit("|", 1)[-1].strip() for line in out.splitlines() if "|" in line}
-    forbidden = {"tomllib", "bench.config", "bench.keys", "bench.params", "bench.fingerprint", "bench.plugins",
-                 "bench.builtins", "attacks", "defenses"}
+    forbidden = {"tomllib", "bench.profile.config", "bench.execution.keys", "bench.profile.params",
+                 "bench.execution.fingerprint", "bench.profile.plugins", "bench.builtins", "attacks", "defenses"}
     assert not loaded & forbidden
     assert all(layer_of(m) == "core" for m in loaded if m.split(".")[0] == "bench"), sorted(loaded)
 
 
 def test_the_contract_catches_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from bench.config import load_profile\n\ndef f():\n    from bench.runner import Runner\n")
-    assert harness_imports(bad) == [("bench.config", False, 1), ("bench.runner", True, 4)]
-    assert ORDER.index(layer_of("bench.config")) > ORDER.index(layer_of("bench.defense"))
+    bad.write_text("from bench.profile.config import load_profile\n\n"
+                   "def f():\n    from bench.execution.runner import Runner\n")
+    assert harness_imports(bad) == [("bench.profile.config", False, 1), ("bench.execution.runner", True, 4)]
+    assert ORDER.index(layer_of("bench.profile.config")) > ORDER.index(layer_of("bench.core.defense"))
+
+
+def test_every_bench_module_lives_in_its_layer_package():
+    stray = [str(p.relative_to(ROOT)) for p in (ROOT / "bench").glob("*.py")
+             if module_name(p) not in REEXPORTS and p.stem not in ("__init__", "__main__", "builtins")]
+    assert not stray, f"bench modules outside a layer package: {stray}"
+
+
+@pytest.mark.parametrize("old,moved", sorted(REEXPORTS.items()))
+def test_old_paths_are_the_moved_modules(old, moved):
+    code = (f"import importlib; old = importlib.import_module({old!r}); "
+            f"assert old is importlib.import_module({moved!r}), old")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
-from bench.registry import ATTACKS
-from bench.types import ThreatModel
+from bench.core.registry import ATTACKS
+from bench.core.types import ThreatModel
 
 # Same hyperparameters for the three CW L2s (torchattacks has no binary search: one c).
 CW = {"cw_l2": {"steps": 50, "binary_steps": 5, "c": 0.1, "lr": 0.1},
@@ -98,11 +98,11 @@ def test_our_pgd_is_at_least_as_strong_as_the_libraries(trained_cnn, mnist_test)
 
 def main(examples: int = 50) -> None:
     """Print the three-way table on the smoke CNN (trained like the `trained_cnn` fixture)."""
-    from bench.data import gather, load_split, select_examples
+    from bench.core.data import gather, load_split, select_examples
     from defenses.undefended import Undefended
     import bench.builtins  # noqa: F401  (registers the built-in names)
-    from bench.registry import DATASETS
-    from bench.training import fit
+    from bench.core.registry import DATASETS
+    from bench.execution.training import fit
 
     torch.set_num_threads(1)
     defense = Undefended(DATASETS.get("mnist5k"), arch="cnn_small", steps=300, batch_size=64, lr=1e-3)

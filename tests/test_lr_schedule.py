@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from bench.defense import TrainConfig
-from bench.registry import DATASETS
-from bench.training import OneCycle, fit, make_optimizer
+from bench.core.defense import TrainConfig
+from bench.core.registry import DATASETS
+from bench.execution.training import OneCycle, fit, make_optimizer
 from defenses.undefended import Undefended
 
 MNIST = DATASETS.get("mnist")

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from attacks.pgd import projected_gradient_descent
-from bench.data import load_split
-from bench.registry import DATASETS, DEFENSES
-from bench.training import fit
-from bench.types import ThreatModel
+from bench.core.data import load_split
+from bench.core.registry import DATASETS, DEFENSES
+from bench.execution.training import fit
+from bench.core.types import ThreatModel
 from defenses.madry import CatastrophicOverfittingWarning, Madry
 
 EPS = 0.1
@@ -111,7 +111,7 @@ def test_overfitting_check_flags_a_collapse(synthetic_batch):
 
 
 def test_eps_ramp_grows_the_training_budget_linearly():
-    from bench.registry import DATASETS
+    from bench.core.registry import DATASETS
     from defenses.madry import Madry
 
     defense = Madry(DATASETS.get("mnist5k"), eps=0.3, eps_ramp_steps=4, attack_steps=3, step_size=0.1)

@@ -1,7 +1,7 @@
 """The embedded mnist5k data: real digits, fixed disjoint split, stratified fixed subsets."""
 import torch
 
-from bench.data import dataset_labels, load_split, select_examples
+from bench.core.data import dataset_labels, load_split, select_examples
 
 
 def test_shapes_ranges_and_split():

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataset_files import write_fashion_mnist, write_mnist
 
-from bench.cli import main
-from bench.config import load_profile
+from bench.cli.main import main
+from bench.profile.config import load_profile
 
 
 def test_profile_holds_the_papers_comparison():

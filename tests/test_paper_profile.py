@@ -7,10 +7,10 @@ from importlib import resources
 import pytest
 from dataset_files import write_all_tiny, write_inception_weights
 
-from bench.cli import STORE_NAME, main
-from bench.config import ConfigError, load_profile, parse_profile
-from bench.registry import ATTACKS, DEFENSES, MODELS
-from bench.store import Store
+from bench.cli.main import STORE_NAME, main
+from bench.profile.config import ConfigError, load_profile, parse_profile
+from bench.core.registry import ATTACKS, DEFENSES, MODELS
+from bench.execution.store import Store
 
 
 def _raw(name: str) -> dict:
@@ -133,7 +133,7 @@ QUICK = ("pixeldp-bench run paper --datasets mnist --max-steps 1 --max-draws 10 
 @pytest.mark.slow
 def test_the_readmes_quick_paper_command_runs_with_mnist_alone(tmp_path):
     """Issue 27: `run paper --max-steps 1 --examples 4` needed all five datasets; --datasets runs what a user has."""
-    from bench.data import REPO_ROOT
+    from bench.core.data import REPO_ROOT
     from dataset_files import write_mnist
 
     assert QUICK in (REPO_ROOT / "README.md").read_text()

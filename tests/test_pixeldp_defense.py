@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.config import parse_profile
-from bench.registry import DATASETS, DEFENSES
-from bench.runner import RunOptions, execute, keyed
-from bench.store import Store
+from bench.profile.config import parse_profile
+from bench.core.registry import DATASETS, DEFENSES
+from bench.execution.runner import RunOptions, execute, keyed
+from bench.execution.store import Store
 from defenses.pixeldp.defense import PixelDP
 from defenses.pixeldp.noise import NoiseLayer
 from defenses.pixeldp.sensitivity import DividedConv2d

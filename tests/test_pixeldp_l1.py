@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.registry import DATASETS
+from bench.core.registry import DATASETS
 from defenses.pixeldp.defense import PixelDP
 from defenses.pixeldp.sensitivity import DividedConv2d, conv_l1_l2_bound, kernel_divisor, normalize_columns
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.registry import DATASETS
+from bench.core.registry import DATASETS
 from defenses.pixeldp.defense import PixelDP
 from defenses.pixeldp.noise import NoiseLayer
 from defenses.pixeldp.sampling import CPU_BLOCK_BYTES, block_rows, sample

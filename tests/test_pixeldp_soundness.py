@@ -9,7 +9,7 @@ from torch import nn
 
 from attacks.eot import EOT
 from attacks.pgd import projected_gradient_descent
-from bench.types import ThreatModel
+from bench.core.types import ThreatModel
 from defenses.pixeldp.sensitivity import (DividedConv2d, conv_l1_bound, conv_l2_bound, kernel_divisor,
                                           operator_norm_estimate, parseval_step, stem_sensitivity)
 from pixeldp_helpers import attached

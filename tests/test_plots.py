@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.plots import (worst_curve, plot_accuracy_vs_attack, plot_certified, plot_defense_comparison, plot_robust,
-                         save_figure)
-from bench.tables import WORST, accuracy_frame
-from bench.tables_certified import certified_frame, robust_frame
+from bench.reporting.plots import (worst_curve, plot_accuracy_vs_attack, plot_certified, plot_defense_comparison,
+                                   plot_robust, save_figure)
+from bench.reporting.tables import WORST, accuracy_frame
+from bench.reporting.tables_certified import certified_frame, robust_frame
 from synthetic_runs import L_ATTACK, THRESHOLDS, cells_and_records
 
 CERTIFIED = {("mnist5k", "pixeldp_L0.1"), ("mnist5k", "pixeldp_L0.3"), ("mnist5k", "wong_kolter")}

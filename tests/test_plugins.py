@@ -1,4 +1,4 @@
-"""Plugins (bench.plugins): the example package's entry point, `[run] plugins`, and one-line import errors."""
+"""Plugins (bench.profile.plugins): the example package's entry point, `[run] plugins`, and one-line import errors."""
 from __future__ import annotations
 
 import importlib.metadata
@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import plugins
-from bench.cli import main
-from bench.registry import ATTACKS, DATASETS, DEFENSES
-from bench.types import ThreatModel
+from bench.profile import plugins
+from bench.cli.main import main
+from bench.core.registry import ATTACKS, DATASETS, DEFENSES
+from bench.core.types import ThreatModel
 
 PROFILE = """
 [run]
@@ -94,7 +94,7 @@ def test_run_plugins_route_imports_a_module_named_in_the_profile(tmp_path, monke
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "attacks.py").write_text(
-        "from bench.registry import ATTACKS\n"
+        "from bench.core.registry import ATTACKS\n"
         "from pixeldp_bench_example_plugin import fast_gradient_sign\n\n"
         "def tiny_fgsm(model, x, y, *, threat, generator=None):\n"
         "    \"\"\"FGSM under another name, registered from a profile's [run] plugins.\"\"\"\n"
@@ -164,7 +164,7 @@ def test_plugin_code_is_fingerprinted_even_from_site_packages(monkeypatch):
     """Editing an installed plugin must change its cells' keys, as editing a built-in attack does."""
     import pixeldp_bench_example_plugin as plugin
 
-    from bench import fingerprint
+    from bench.execution import fingerprint
 
     plugins.load_plugins()
     plugin_file = Path(plugin.__file__).resolve()

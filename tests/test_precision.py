@@ -1,8 +1,8 @@
-"""bench.precision.exact_float32: TF32 is off inside the block and the caller's settings come back."""
+"""bench.core.precision.exact_float32: TF32 is off inside the block and the caller's settings come back."""
 import pytest
 import torch
 
-from bench.precision import exact_float32
+from bench.core.precision import exact_float32
 
 
 @pytest.mark.parametrize("caller", ["default", "legacy_tf32", "high"])

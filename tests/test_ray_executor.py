@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
-from bench.config import ConfigError, parse_profile
-from bench.ray_executor import RaySettings, check_settings
-from bench.store import Store
+from bench.cli.main import main
+from bench.profile.config import ConfigError, parse_profile
+from bench.execution.ray_executor import RaySettings, check_settings
+from bench.execution.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 SUPPORT = REPO / "tests" / "ray_support"

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.cli import main
-from bench.data import dataset_labels, gather, load_split, select_examples
+from bench.cli.main import main
+from bench.core.data import dataset_labels, gather, load_split, select_examples
 
 # Published per-class counts (LeCun et al. 1998; Xiao et al. 2017), digits / classes 0..9.
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

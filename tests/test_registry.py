@@ -4,9 +4,9 @@ import dataclasses
 import pytest
 import torch
 
-from bench.defense import Defense
-from bench.registry import (ATTACKS, DATASETS, DEFENSES, MODELS, AttackInfo, DefenseInfo, ModelInfo, Registry,
-                            RegistrationError, UnknownNameError)
+from bench.core.defense import Defense
+from bench.core.registry import (ATTACKS, DATASETS, DEFENSES, MODELS, AttackInfo, DefenseInfo, ModelInfo, Registry,
+                                 RegistrationError, UnknownNameError)
 
 
 def test_register_get_and_info():
@@ -79,7 +79,7 @@ def test_defense_contract_is_checked_at_registration():
         DEFENSES.register("d", scratch("Plain", loss=_plain_loss), randomized=False)
     with pytest.raises(RegistrationError, match="metadata key 'family' = 3 should be"):
         DEFENSES.register("d", scratch("Plain", loss=_plain_loss), randomized=False, certified=False, family=3)
-    with pytest.raises(RegistrationError, match="subclass of bench.defense.Defense"):
+    with pytest.raises(RegistrationError, match="subclass of bench.core.defense.Defense"):
         DEFENSES.register("d", object, family="x", randomized=False, certified=False)
     assert "d" not in DEFENSES
 

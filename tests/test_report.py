@@ -6,10 +6,10 @@ import json
 import pandas as pd
 import pytest
 
-from bench.cli import build_parser, main
-from bench.report import run_frames, write_report
-from bench.keys import cell_key
-from bench.store import Store
+from bench.cli.main import build_parser, main
+from bench.reporting.report import run_frames, write_report
+from bench.execution.keys import cell_key
+from bench.execution.store import Store
 from synthetic_runs import SETTINGS, fill_store, synthetic_run
 
 TABLES = ("accuracy_under_attack", "certified_accuracy", "robust_precision_recall", "overhead")

@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.cli import main
-from bench.config import load_profile
-from bench.data import gather, load_split, select_examples
-from bench.tables_published import published_frame, published_pivot
-from bench.types import Cell, Record
-from bench.zoo import ENV, ZOO
+from bench.cli.main import main
+from bench.profile.config import load_profile
+from bench.core.data import gather, load_split, select_examples
+from bench.reporting.tables_published import published_frame, published_pivot
+from bench.core.types import Cell, Record
+from bench.core.zoo import ENV, ZOO
 from defenses.convex.models import wong2018_net
 
 from convex_reference import convex_adversarial, original_margins

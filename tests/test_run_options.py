@@ -3,8 +3,8 @@ import sqlite3
 
 import pytest
 
-from bench.cli import main
-from bench.store import Store
+from bench.cli.main import main
+from bench.execution.store import Store
 
 TINY = """
 [run]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from dataset_files import write_cifar10
 
-from bench.data import DatasetError, load_split, safe_pickle
+from bench.core.data import DatasetError, load_split, safe_pickle
 
 
 class Exploit:

@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 from scipy.stats import binomtest
 
-from bench.cli import main
-from bench.data import gather, load_split, select_examples
-from bench.registry import DATASETS
-from bench.tables import accuracy_frame
-from bench.tables_certified import certified_frame
-from bench.types import Cell, Record
+from bench.cli.main import main
+from bench.core.data import gather, load_split, select_examples
+from bench.core.registry import DATASETS
+from bench.reporting.tables import accuracy_frame
+from bench.reporting.tables_certified import certified_frame
+from bench.core.types import Cell, Record
 from defenses.pixeldp.defense import PixelDP
 from defenses.smoothing import ABSTAIN, RandomizedSmoothing, SmoothedClassifier, predict_from_counts
 
@@ -109,7 +109,7 @@ def test_predict_abstains_unless_the_binomial_test_rejects():
 
 def test_pixeldp_evaluates_given_weights_with_its_noise_layer(tmp_path, examples):
     """A PixelDP network trained elsewhere (noise layer included) is certified as given with steps = 0."""
-    from bench.training import fit
+    from bench.execution.training import fit
 
     spec = DATASETS.get("mnist5k")
     params = dict(arch="cnn_small", L=0.1, draws_certify=50, draws_predict=5, parseval_iters=5)
@@ -146,7 +146,7 @@ def test_a_user_model_is_smoothed_certified_and_attacked_with_eot(trained_cnn, t
     defense = Undefended(DATASETS.get("mnist5k"), factory="nets:mlp", steps=150, lr=3e-3)
     torch.manual_seed(0)
     model = defense.build_model()
-    from bench.training import fit
+    from bench.execution.training import fit
 
     fit(defense, model, load_split("mnist5k", "train"), steps=150, seed=0, device=torch.device("cpu"), progress=False)
     torch.save(model.state_dict(), tmp_path / "mlp.pt")

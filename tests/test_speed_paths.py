@@ -11,18 +11,18 @@ from torch.utils.data import Dataset, TensorDataset
 
 from attacks.cw import carlini_wagner_l2
 from attacks.pgd import projected_gradient_descent
-from bench.cache import ModelCache
-from bench.cli import main
-from bench.config import ConfigError, parse_profile
-from bench.data import gather
-from bench.data.torchvision_sets import ImageTensorDataset
-from bench.runner import keyed
-from bench.models import build_model
-from bench.registry import DATASETS
-from bench.runner import batch_records
-from bench.speed import apply_speed
-from bench.training import LoaderOptions, batches, fit
-from bench.types import Record, ThreatModel, derive_seed
+from bench.execution.cache import ModelCache
+from bench.cli.main import main
+from bench.profile.config import ConfigError, parse_profile
+from bench.core.data import gather
+from bench.core.data.torchvision_sets import ImageTensorDataset
+from bench.execution.runner import keyed
+from bench.core.models import build_model
+from bench.core.registry import DATASETS
+from bench.execution.runner import batch_records
+from bench.profile.speed import apply_speed
+from bench.execution.training import LoaderOptions, batches, fit
+from bench.core.types import Record, ThreatModel, derive_seed
 from defenses.pixeldp.defense import PixelDP
 from defenses.pixeldp.noise import NoiseLayer
 from defenses.undefended import Undefended
@@ -216,7 +216,7 @@ def test_training_returns_each_steps_loss_in_order():
 
 # ----------------------------------------------------------------------------- training batches
 def _old_batches(dataset, batch_size, seed, start_step, count):
-    """The training stream as it was: per-epoch seeded permutation, bench.data.gather on the CPU."""
+    """The training stream as it was: per-epoch seeded permutation, bench.core.data.gather on the CPU."""
     n = len(dataset)
     per_epoch = max(1, n // batch_size) if n >= batch_size else 1
     step, out = start_step, []

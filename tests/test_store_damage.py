@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-import bench.atomic
-import bench.report
-from bench.cli import main
+import bench.core.atomic
+import bench.reporting.report
+from bench.cli.main import main
 
 PROFILE = """
 [run]
@@ -53,9 +53,9 @@ class Intact:
 def fast_reports():
     """Figures and fsyncs cost most of a report's time and are not what these tests check."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bench.report, "write_figures", lambda frames, folder: {})
-        patch.setattr(bench.atomic, "_sync", lambda *args: None, raising=False)
-        patch.setattr(bench.atomic, "_sync_folder", lambda *args: None, raising=False)
+        patch.setattr(bench.reporting.report, "write_figures", lambda frames, folder: {})
+        patch.setattr(bench.core.atomic, "_sync", lambda *args: None, raising=False)
+        patch.setattr(bench.core.atomic, "_sync_folder", lambda *args: None, raising=False)
         yield
 
 

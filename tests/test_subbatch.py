@@ -5,15 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from bench.cli import main
-from bench.config import ConfigError, parse_profile
-from bench.runner import keyed
-from bench.registry import ATTACKS, DATASETS, UnknownNameError
-from bench.runner import Runner, RunOptions
-from bench.store import Store
-from bench.subbatch import (SubBatches, SubBatchMemoryError, attack_row_bytes, fit_rows, halvings, is_out_of_memory,
-                            peak_bytes, rows_within)
-from bench.types import ThreatModel
+from bench.cli.main import main
+from bench.profile.config import ConfigError, parse_profile
+from bench.execution.runner import keyed
+from bench.core.registry import ATTACKS, DATASETS, UnknownNameError
+from bench.execution.runner import Runner, RunOptions
+from bench.execution.store import Store
+from bench.core.subbatch import (SubBatches, SubBatchMemoryError, attack_row_bytes, fit_rows, halvings,
+                                 is_out_of_memory, peak_bytes, rows_within)
+from bench.core.types import ThreatModel
 from defenses.pixeldp.defense import PixelDP
 from defenses.pixeldp.sampling import CPU_BLOCK_BYTES, block_rows
 from defenses.smoothing import RandomizedSmoothing, class_counts

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.compare import compare_outcomes, run_outcomes
-from bench.plots import plot_defense_comparison
-from bench.registry import DEFENSES
-from bench.report import write_report
-from bench.store import Store
-from bench.table_registry import TABLES, RunData, Table, build_frames
+from bench.reporting.compare import compare_outcomes, run_outcomes
+from bench.reporting.plots import plot_defense_comparison
+from bench.core.registry import DEFENSES
+from bench.reporting.report import write_report
+from bench.execution.store import Store
+from bench.reporting.table_registry import TABLES, RunData, Table, build_frames
 from defenses.undefended import Undefended
 from synthetic_runs import SETTINGS, fill_store, synthetic_run
 

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.tables import (WORST, accuracy_frame, accuracy_pivot, latex_escape, to_latex, to_text, write_accuracy_tables,
-                          write_table)
-from bench.tables_certified import (CERTIFIED_CAPTION, ROBUST_CAPTION, certified_frame, certified_pivot,
-                                    certifier_name, robust_frame, robust_pivot)
-from bench.tables_overhead import overhead_caption, overhead_frame, overhead_pivot
-from bench.types import Cell, Record
+from bench.reporting.tables import (WORST, accuracy_frame, accuracy_pivot, latex_escape, to_latex, to_text,
+                                    write_accuracy_tables, write_table)
+from bench.reporting.tables_certified import (CERTIFIED_CAPTION, ROBUST_CAPTION, certified_frame, certified_pivot,
+                                              certifier_name, robust_frame, robust_pivot)
+from bench.reporting.tables_overhead import overhead_caption, overhead_frame, overhead_pivot
+from bench.core.types import Cell, Record
 from synthetic_runs import ENVIRONMENT, L_ATTACK, THRESHOLDS, cells_and_records, synthetic_run
 
 GOLDEN = Path(__file__).parent / "golden"

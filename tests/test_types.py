@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.keys import cell_key
-from bench.types import Cell, ThreatModel
+from bench.execution.keys import cell_key
+from bench.core.types import Cell, ThreatModel
 
 
 @settings(max_examples=40, deadline=None)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bench.cli import main
-from bench.keys import cell_key
-from bench.config import ConfigError, parse_profile
-from bench.preflight import check_inputs
-from bench.data import gather, load_split, select_examples
+from bench.cli.main import main
+from bench.execution.keys import cell_key
+from bench.profile.config import ConfigError, parse_profile
+from bench.profile.preflight import check_inputs
+from bench.core.data import gather, load_split, select_examples
 
 MODULE = textwrap.dedent('''
     import torch

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bench.cli import main
-from bench.config import parse_profile
-from bench.data import gather, load_split, select_examples
-from bench.preflight import check_inputs
-from bench.registry import DATASETS
-from bench.training import fit
+from bench.cli.main import main
+from bench.profile.config import parse_profile
+from bench.core.data import gather, load_split, select_examples
+from bench.profile.preflight import check_inputs
+from bench.core.registry import DATASETS
+from bench.execution.training import fit
 from defenses.convex.defense import WongKolter
 
 EXAMPLES = 40

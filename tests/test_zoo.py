@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench.zoo as zoo
-from bench.cli import main
-from bench.config import ConfigError, parse_profile
-from bench.data import gather, load_split, select_examples
-from bench.runner import keyed
-from bench.registry import DATASETS, DEFENSES
-from bench.weights import WeightsError, file_sha256
+import bench.core.zoo as zoo
+from bench.cli.main import main
+from bench.profile.config import ConfigError, parse_profile
+from bench.core.data import gather, load_split, select_examples
+from bench.execution.runner import keyed
+from bench.core.registry import DATASETS, DEFENSES
+from bench.core.weights import WeightsError, file_sha256
 from defenses.convex.models import wong2018_net
 
 REAL_WEIGHTS = os.environ.get(zoo.ENV)  # read before the autouse fixture clears it for the mechanism tests
@@ -143,10 +143,10 @@ def test_download_verifies_the_hash_then_the_cache_serves_offline(entry, tmp_pat
 
 
 def test_every_load_verifies_the_file_again(entry, tmp_path):
-    """A file altered after the run was checked is refused when a cell loads it (bench.defense)."""
+    """A file altered after the run was checked is refused when a cell loads it (bench.core.defense)."""
     import argparse
 
-    from bench.preflight import check_inputs
+    from bench.profile.preflight import check_inputs
 
     folder = tmp_path / "weights"
     folder.mkdir()

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import UserError
-from bench.models import ImageClassifier, Normalize
-from bench.precision import exact_float32
+from bench.core.errors import UserError
+from bench.core.models import ImageClassifier, Normalize
+from bench.core.precision import exact_float32
 
 METHODS = ("ibp", "wong", "crown", "crown_ibp")
 # Bytes of the widest coefficient tensor of one chunk of an identity specification (N x rows x
@@ -240,7 +240,7 @@ def _add_leaf(module: nn.Module, layers: list) -> None:
 def linearize(model: nn.Module) -> list:
     """Flatten a model into a list of Linear / Conv / ChannelAffine / Flatten / ReLU layers.
 
-    Accepts `bench.models.ImageClassifier` (normalize -> stem -> noise -> body; the noise slot
+    Accepts `bench.core.models.ImageClassifier` (normalize -> stem -> noise -> body; the noise slot
     must be the identity: a random layer has no deterministic bound) and nested nn.Sequential of
     Linear, Conv2d, ReLU, Flatten, Normalize, BatchNorm (folded), Identity and eval-mode Dropout.
     The layers hold the model's parameters, so bounds are differentiable (certified training).

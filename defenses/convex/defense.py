@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data import DatasetSpec
-from bench.defense import Defense
-from bench.registry import DEFENSES
+from bench.core.data import DatasetSpec
+from bench.core.defense import Defense
+from bench.core.registry import DEFENSES
 from defenses.convex.bounds import METHODS, BoundError, certified, linearize, margin_lower_bounds
 
 

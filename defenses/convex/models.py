@@ -5,8 +5,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from bench.models import ImageClassifier, Normalize
-from bench.registry import MODELS
+from bench.core.models import ImageClassifier, Normalize
+from bench.core.registry import MODELS
 
 # CIFAR-10 channel statistics used by Wong et al. (2018); single-channel inputs stay unnormalized.
 CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.225, 0.225, 0.225)

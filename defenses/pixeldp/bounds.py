@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from bench.stats import clopper_pearson
+from bench.core.stats import clopper_pearson
 
 BOUNDS = ("hoeffding", "bernstein", "auto")
 

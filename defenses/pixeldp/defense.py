@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.data import DatasetSpec
-from bench.defense import Defense
-from bench.models import ImageClassifier
-from bench.registry import DEFENSES
+from bench.core.data import DatasetSpec
+from bench.core.defense import Defense
+from bench.core.models import ImageClassifier
+from bench.core.registry import DEFENSES
 from defenses.pixeldp.bounds import BOUNDS, mean_bounds, vote_bounds
 from defenses.pixeldp.certify import (CERTIFIERS, cohen_radius, pixeldp_gaussian_radius, pixeldp_laplace_radius,
                                       renyi_radius)

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.draws import noise_split, noisy_logits
-from bench.subbatch import rows_within
+from bench.core.draws import noise_split, noisy_logits
+from bench.core.subbatch import rows_within
 
 __all__ = ["Samples", "sample", "block_rows", "CPU_BLOCK_BYTES"]
 
@@ -39,10 +39,10 @@ def sample(model: nn.Module, x: torch.Tensor, draws: int, *, chunk_rows: int = 2
            chunk_bytes: int | None = None) -> Samples:
     """Push `draws` independent noise draws of every image of x (N, C, H, W) through the noisy part.
 
-    `model` is a bench.models.ImageClassifier whose `noise` is a NoiseLayer (any other model counts
-    as all post-noise, see bench.draws.noise_split): the deterministic `pre_noise` runs ONCE per
+    `model` is a bench.core.models.ImageClassifier whose `noise` is a NoiseLayer (any other model counts
+    as all post-noise, see bench.core.draws.noise_split): the deterministic `pre_noise` runs ONCE per
     image, then blocks of noisy copies (at most `chunk_rows` rows and `chunk_bytes` bytes per
-    forward: see `block_rows`) go through bench.draws.noisy_logits. Draws come from the noise
+    forward: see `block_rows`) go through bench.core.draws.noisy_logits. Draws come from the noise
     layer's generator; the statistics do not depend on the blocking.
     """
     if draws < 1:
@@ -61,7 +61,7 @@ def sample(model: nn.Module, x: torch.Tensor, draws: int, *, chunk_rows: int = 2
 def block_rows(h: torch.Tensor, chunk_rows: int, chunk_bytes: int | None = None,
                post_noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> int:
     """Rows per post-noise forward for pre-noise activations h (N, ...): at most `chunk_rows` and at most
-    `chunk_bytes` (at least one row; bench.subbatch.rows_within).
+    `chunk_bytes` (at least one row; bench.core.subbatch.rows_within).
 
     Without `chunk_bytes`: on CPU CPU_BLOCK_BYTES of noised activations, on CUDA half the free
     memory at the measured cost of a `post_noise` row (its peak activations, not just h's size).

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bench.precision import exact_float32
+from bench.core.precision import exact_float32
 
 
 def coverage(conv: nn.Conv2d) -> tuple[int, int]:

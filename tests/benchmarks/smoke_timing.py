@@ -4,8 +4,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from bench.cli import STORE_NAME
-from bench.store import Store
+from bench.cli.main import STORE_NAME
+from bench.execution.store import Store
 
 
 def family(cell) -> str:

@@ -6,10 +6,10 @@ import functools
 import pytest
 import torch
 
-from bench.defense import Defense
+from bench.core.defense import Defense
 from defenses.undefended import Undefended
-from bench.registry import DATASETS
-from bench.training import make_optimizer
+from bench.core.registry import DATASETS
+from bench.execution.training import make_optimizer
 from defenses.convex.bounds import METHODS, certified
 from defenses.convex.defense import WongKolter
 from defenses.madry import Madry

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import defenses.convex.bounds as bounds_module
-from bench.data import gather, load_split, select_examples
-from bench.registry import DATASETS
+from bench.core.data import gather, load_split, select_examples
+from bench.core.registry import DATASETS
 from defenses.convex.bounds import METHODS, margin_lower_bounds
 from defenses.convex.defense import WongKolter
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from scipy.stats import binomtest
 
-from bench.cli import main
-from bench.report import run_data
-from bench.store import Store
-from bench.tables import correctness_columns
+from bench.cli.main import main
+from bench.reporting.report import run_data
+from bench.execution.store import Store
+from bench.reporting.tables import correctness_columns
 
 PROFILE = Path(__file__).parent / "profiles" / "eot-saturation.toml"
 SETTING = "apgd_eot_d20_s50"

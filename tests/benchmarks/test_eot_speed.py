@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench.models import build_model
-from bench.registry import ATTACKS
-from bench.types import ThreatModel
+from bench.core.models import build_model
+from bench.core.registry import ATTACKS
+from bench.core.types import ThreatModel
 
 DRAWS = 20
 STEPS = 5

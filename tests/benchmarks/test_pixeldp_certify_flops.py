@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.registry import DATASETS
+from bench.core.registry import DATASETS
 from defenses.pixeldp.defense import PixelDP
 
 DRAWS = 2000

@@ -4,10 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.defense import Defense
+from bench.core.defense import Defense
 from defenses.undefended import Undefended
-from bench.registry import DATASETS
-from bench.training import make_optimizer
+from bench.core.registry import DATASETS
+from bench.execution.training import make_optimizer
 from defenses.pixeldp.defense import PixelDP
 from defenses.pixeldp.sampling import block_rows
 from timing import best_seconds

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from attacks.pgd import pgd_linf
-from bench.registry import ATTACKS
-from bench.types import ThreatModel
+from bench.core.registry import ATTACKS
+from bench.core.types import ThreatModel
 
 
 def faulty_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel,

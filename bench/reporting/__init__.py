@@ -1,0 +1,2 @@
+"""Reporting: tables, figures, sanity checks, the report, comparisons and baselines (what a stored run says).
+"""
