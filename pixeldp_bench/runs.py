@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 
 from bench.cli.session import STORE_NAME, default_results_dir, load_run_plugins
+from bench.reporting.check_ids import CheckWarning
 from bench.reporting.checks import run_checks
 from bench.reporting.compare import check_complete, compare_runs, open_run
 from bench.profile.plugins import load_plugins
@@ -81,8 +82,11 @@ class Run:
         return pd.DataFrame(rows, columns=[*CELL_COLUMNS, *RECORD_COLUMNS])
 
     @property
-    def checks(self) -> list[str]:
-        """The sanity checks' warnings (gradient masking, non-monotone curves, ...), one line each; [] when all pass."""
+    def checks(self) -> list[CheckWarning]:
+        """The sanity checks' warnings (gradient masking, non-monotone curves, ...), one line each; [] when all pass.
+
+        Each is a str whose `.check` is the ID of its kind, the heading of its section in docs/checks.md.
+        """
         run = self._frames["run"]
         return run_checks(run.cells, run.l_attack, run.infos)
 
@@ -92,8 +96,8 @@ class Run:
         return write_report(self.store, self.run_id, None)["text"]
 
     def write_report(self, folder: str | os.PathLike) -> dict[str, Any]:
-        """Write the report's files (tables as CSV, Markdown and LaTeX, figures, run.json, checks.txt) into
-        `folder`; returns the paths written, by table stem."""
+        """Write the report's files (tables as CSV, Markdown and LaTeX, figures, run.json, checks.txt and
+        report.html, all of it on one self-contained page) into `folder`; returns the paths written, by table stem."""
         return write_report(self.store, self.run_id, Path(folder))["paths"]
 
     def compare(self, other: Run | str | os.PathLike, tolerance: float = 0.02,

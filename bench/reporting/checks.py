@@ -8,6 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.reporting.check_ids import (CERTIFIED_ABOVE_ATTACK, GRADIENT_FREE_WINS, GRADIENT_MASKING,
+                                       HUGE_EPS_SURVIVORS, RANDOMIZED_WITHOUT_EOT, RISES_WITH_EPS,
+                                       SATURATED_SOFTMAX, UNBOUNDED_ATTACK_FAILS, UNDEFENDED_NOT_BROKEN,
+                                       CheckWarning, raises)
 from bench.reporting.checks_worst_case import check_weak_worst_case
 from bench.core.defense import certified_norm
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES
@@ -52,6 +56,7 @@ def _certified_norm(cell: Cell) -> str | None:
     return norm if norm in NORMS else None
 
 
+@raises(RISES_WITH_EPS)
 def check_monotone(cells: CellRecords, l_attack: dict[str, list[float]]) -> list[str]:
     """Accuracy under a fixed-size attack must not grow with eps (beyond one example or 1%)."""
     curves: dict[tuple, list[tuple[float, int, int]]] = defaultdict(list)
@@ -70,6 +75,7 @@ def check_monotone(cells: CellRecords, l_attack: dict[str, list[float]]) -> list
     return warnings
 
 
+@raises(UNDEFENDED_NOT_BROKEN)
 def check_undefended_broken(cells: CellRecords, l_attack: dict[str, list[float]]) -> list[str]:
     """An undefended model must reach ~0% under its strongest fixed-size attack at a large eps."""
     best: dict[tuple, tuple[float, float, int, int, str]] = {}
@@ -88,6 +94,7 @@ def check_undefended_broken(cells: CellRecords, l_attack: dict[str, list[float]]
             for (dataset, defense, norm), (eps, accuracy, ok, n, attack) in best.items() if accuracy > BROKEN_ACCURACY]
 
 
+@raises(UNBOUNDED_ATTACK_FAILS)
 def check_unbounded_failures(cells: CellRecords, infos: list[dict | None]) -> list[str]:
     """A minimum-norm attack has no budget, so its failures on correctly classified points suggest masking."""
     warnings = []
@@ -103,7 +110,7 @@ def check_unbounded_failures(cells: CellRecords, infos: list[dict | None]) -> li
     return warnings
 
 
-def check_zero_gradients(cells: CellRecords, infos: list[dict | None]) -> list[str]:
+def check_zero_gradients(cells: CellRecords, infos: list[dict | None]) -> list[CheckWarning]:
     """Flag defenses whose input gradients vanish on many examples (stored by the runner per cell)."""
     seen: dict[tuple, dict[str, float]] = {}
     for (cell, records), info in zip(cells, infos, strict=True):
@@ -113,15 +120,18 @@ def check_zero_gradients(cells: CellRecords, infos: list[dict | None]) -> list[s
     warnings = []
     for (dataset, defense), stats in seen.items():
         if stats.get("margin", 0.0) > ZERO_GRADIENT_FRACTION:
-            warnings.append(f"{dataset}/{defense}: {100 * stats['margin']:.0f}% of examples have ~zero logit-margin "
-                            "input gradients: gradient masking; gradient-based results are not trustworthy "
-                            "(try a gradient-free attack)")
+            warnings.append(CheckWarning(
+                f"{dataset}/{defense}: {100 * stats['margin']:.0f}% of examples have ~zero logit-margin "
+                "input gradients: gradient masking; gradient-based results are not trustworthy "
+                "(try a gradient-free attack)", GRADIENT_MASKING))
         elif stats.get("ce", 0.0) > ZERO_GRADIENT_FRACTION:
-            warnings.append(f"{dataset}/{defense}: {100 * stats['ce']:.0f}% of examples have ~zero cross-entropy "
-                            "input gradients (saturated softmax); prefer the CW margin loss (loss = 'cw')")
+            warnings.append(CheckWarning(
+                f"{dataset}/{defense}: {100 * stats['ce']:.0f}% of examples have ~zero cross-entropy "
+                "input gradients (saturated softmax); prefer the CW margin loss (loss = 'cw')", SATURATED_SOFTMAX))
     return warnings
 
 
+@raises(RANDOMIZED_WITHOUT_EOT)
 def check_randomized_without_eot(cells: CellRecords, infos: list[dict | None]) -> list[str]:
     """A randomized defense attacked without EOT gets single-draw gradients: its accuracy is overestimated."""
     warnings = []
@@ -135,6 +145,7 @@ def check_randomized_without_eot(cells: CellRecords, infos: list[dict | None]) -
     return warnings
 
 
+@raises(CERTIFIED_ABOVE_ATTACK)
 def check_certified_vs_attack(cells: CellRecords, l_attack: dict[str, list[float]]) -> list[str]:
     """Certified accuracy at radius T can never exceed accuracy under attack at L_attack = T (same norm)."""
     certified: dict[tuple, tuple[str, dict[int, tuple[bool, float]]]] = {}
@@ -175,6 +186,7 @@ def huge_eps(dataset: str, norm: str | None) -> float:
     return HUGE_L2_PER_SQRT_DIM * math.sqrt(dims)
 
 
+@raises(HUGE_EPS_SURVIVORS)
 def check_huge_eps(cells: CellRecords, l_attack: dict[str, list[float]]) -> list[str]:
     """At a budget that reaches a constant image from every input, accuracy under attack must be ~0 (any defense)."""
     warnings = []
@@ -190,6 +202,7 @@ def check_huge_eps(cells: CellRecords, l_attack: dict[str, list[float]]) -> list
     return warnings
 
 
+@raises(GRADIENT_FREE_WINS)
 def check_gradient_free_wins(cells: CellRecords, l_attack: dict[str, list[float]],
                              infos: list[dict | None]) -> list[str]:
     """A gradient-free attack (e.g. Square) that breaks examples every white-box attack missed signals masking."""
@@ -227,8 +240,11 @@ def check_gradient_free_wins(cells: CellRecords, l_attack: dict[str, list[float]
 
 
 def run_checks(cells: CellRecords, l_attack: dict[str, list[float]],
-               infos: list[dict | None] | None = None) -> list[str]:
-    """Every sanity check over a run's (cell, records) pairs; `infos` are the cells' stored infos, in order."""
+               infos: list[dict | None] | None = None) -> list[CheckWarning]:
+    """Every sanity check over a run's (cell, records) pairs; `infos` are the cells' stored infos, in order.
+
+    Each warning is its text, with its kind's ID (bench.reporting.check_ids) in `.check`.
+    """
     infos = list(infos) if infos is not None else [None] * len(cells)
     return (check_monotone(cells, l_attack) + check_undefended_broken(cells, l_attack)
             + check_unbounded_failures(cells, infos) + check_zero_gradients(cells, infos)

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from bench.core.registry import ATTACKS, DEFENSES
+from bench.reporting.check_ids import (WEAK_MINIMUM_NORM, WEAK_WORST_CASE, WEAK_WORST_CASE_CE_ONLY,
+                                       WEAK_WORST_CASE_EOT_DRAWS, CheckWarning, tagged)
 from bench.core.stats import clopper_pearson
 from bench.reporting.tables import correctness_columns
 from bench.core.types import Cell, Record
@@ -115,7 +117,8 @@ def _fixed_vs_minimum_norm(slot: tuple, columns: list[_Column]) -> list[str]:
 
 
 def check_weak_worst_case(cells: CellRecords, l_attack: dict[str, list[float]],
-                          infos: list[dict | None] | None = None, min_eot_draws: int = MIN_EOT_DRAWS) -> list[str]:
+                          infos: list[dict | None] | None = None,
+                          min_eot_draws: int = MIN_EOT_DRAWS) -> list[CheckWarning]:
     """Warn where a worst-case column (dataset, defense, norm, eps) is too weak to trust.
 
     Three signs, each naming the cells: no strong attack (APGD, AutoAttack or an attack registered
@@ -140,11 +143,14 @@ def check_weak_worst_case(cells: CellRecords, l_attack: dict[str, list[float]],
         elif not any(c.diverse for c in counted):
             no_diverse[slot] = labels
         inconsistent += _fixed_vs_minimum_norm(slot, columns)
-    warnings = [f"weak worst case: {where}: no strong attack (APGD, AutoAttack or an attack registered strong); "
-                "add APGD-CE and APGD-T (loss = 'dlr_targeted') at these budgets" for where in _budgets(no_strong)]
-    warnings += [f"weak worst case: {where}: APGD with the CE loss only; add a targeted or DLR variant "
-                 "(loss = 'dlr_targeted' or 'dlr')" for where in _budgets(no_diverse)]
-    warnings += [f"weak worst case: {where}: a randomized defense without a strong EOT attack of at least "
-                 f"{min_eot_draws} draws per gradient; its accuracy is overstated (use apgd_*_eot with "
-                 f"draws >= {min_eot_draws})" for where in _budgets(few_draws)]
-    return warnings + [f"weak worst case: {w}" for w in inconsistent]
+    warnings = tagged(WEAK_WORST_CASE, [
+        f"weak worst case: {where}: no strong attack (APGD, AutoAttack or an attack registered strong); "
+        "add APGD-CE and APGD-T (loss = 'dlr_targeted') at these budgets" for where in _budgets(no_strong)])
+    warnings += tagged(WEAK_WORST_CASE_CE_ONLY, [
+        f"weak worst case: {where}: APGD with the CE loss only; add a targeted or DLR variant "
+        "(loss = 'dlr_targeted' or 'dlr')" for where in _budgets(no_diverse)])
+    warnings += tagged(WEAK_WORST_CASE_EOT_DRAWS, [
+        f"weak worst case: {where}: a randomized defense without a strong EOT attack of at least "
+        f"{min_eot_draws} draws per gradient; its accuracy is overstated (use apgd_*_eot with "
+        f"draws >= {min_eot_draws})" for where in _budgets(few_draws)])
+    return warnings + tagged(WEAK_MINIMUM_NORM, [f"weak worst case: {w}" for w in inconsistent])
