@@ -70,11 +70,14 @@ def cells_and_records() -> list[tuple[Cell, list[Record]]]:
     return [(cell, records) for cell, records, _ in synthetic_run()]
 
 
-def fill_store(store: Store, run_id: str = "synthetic-run") -> str:
-    """Write the synthetic run into a store (run, cells, records, infos); returns the run id."""
+def fill_store(store: Store, run_id: str = "synthetic-run", finished: int | None = None) -> str:
+    """Write the synthetic run into a store (run, cells, records, infos); returns the run id.
+
+    `finished`: only the first that many cells get results (a killed run); None: all of them.
+    """
     run = synthetic_run()
     keyed = [(cell_key(cell, {}), cell) for cell, _, _ in run]
     store.start_run(run_id, "synthetic", SETTINGS, ENVIRONMENT, keyed)
-    for (key, cell), (_, records, info) in zip(keyed, run, strict=True):
+    for (key, cell), (_, records, info) in list(zip(keyed, run, strict=True))[:finished]:
         store.write_cell(key, cell, records, info)
     return run_id

@@ -8,7 +8,6 @@ import pytest
 
 from bench.cli.main import build_parser, main
 from bench.reporting.report import run_frames, write_report
-from bench.execution.keys import cell_key
 from bench.execution.store import Store
 from synthetic_runs import SETTINGS, fill_store, synthetic_run
 
@@ -65,10 +64,7 @@ def test_report_thresholds_are_configurable(tmp_path):
 def test_unfinished_cells_are_reported(tmp_path):
     store = Store(tmp_path / "store.sqlite")
     run = synthetic_run()
-    keyed = [(cell_key(cell, {}), cell) for cell, _, _ in run]
-    store.start_run("partial", "synthetic", SETTINGS, {"device_name": "x"}, keyed)
-    for (key, cell), (_, records, info) in list(zip(keyed, run, strict=True))[:5]:
-        store.write_cell(key, cell, records, info)
+    fill_store(store, "partial", finished=5)
     report = write_report(store, "partial", tmp_path / "partial")
     assert report["text"].startswith(f"INCOMPLETE RUN: {len(run) - 5} of {len(run)} cell(s) have no results")
     assert (tmp_path / "partial" / "checks.txt").read_text().startswith("INCOMPLETE RUN")

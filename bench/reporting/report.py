@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import bench.reporting.plots
 from bench.core.atomic import write_bytes, write_text
+from bench.reporting.check_ids import CHECKS_DOC, INCOMPLETE_RUN, CheckWarning
 from bench.reporting.checks import run_checks
 from bench.execution.fingerprint import code_fingerprint
+from bench.reporting.html import report_html
 from bench.reporting.plots import figures, save_figure
 from bench.execution.store import Store
 from bench.reporting.table_registry import RunData, build_frames, tables
@@ -19,6 +22,8 @@ from bench.reporting.tables_certified import DEFAULT_ROBUST_THRESHOLDS
 
 FIGURES = "figures"
 INPUTS_MARKER = ".inputs"  # digest of what a run's figures were drawn from (lets reruns copy them)
+HTML_REPORT = "report.html"
+REPO_ROOT = Path(__file__).resolve().parents[2]  # where docs/checks.md is in a source checkout
 
 
 def run_records(store: Store, run_id: str):
@@ -90,7 +95,8 @@ def write_figures(frames: dict[str, Any], folder: Path) -> dict[str, dict[str, P
 
 
 def write_report(store: Store, run_id: str, run_dir: Path | None, robust_thresholds=None) -> dict[str, Any]:
-    """Write the run's tables (CSV, Markdown, LaTeX) and figures (PNG, PDF) under run_dir (None: no files).
+    """Write the run's tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and `report.html` (all of them on one
+    self-contained page) under run_dir (None: no files).
 
     Returns the terminal text, the paths written, the accuracy frame ("frame") and all frames.
     """
@@ -116,13 +122,15 @@ def write_report(store: Store, run_id: str, run_dir: Path | None, robust_thresho
         banner = (f"INCOMPLETE RUN: {len(missing)} of {len(cells)} cell(s) have no results (killed or failed run); "
                   "re-run the same profile into the same results folder to finish it\n")
         text, checks = banner + text, banner + checks
-    paths = {} if run_dir is None else _write_files(store, run_id, run_dir, frames, views, checks)
+        warnings = [CheckWarning(banner, INCOMPLETE_RUN), *warnings]
+    paths = {} if run_dir is None else _write_files(store, run_id, run_dir, frames, views, (checks, warnings))
     return {"text": text, "paths": paths, "frame": frames["accuracy"], "frames": frames}
 
 
 def _write_files(store: Store, run_id: str, run_dir: Path, frames: dict[str, Any],
-                 views: list[tuple[str, Any, Any, str]], checks: str) -> dict[str, Any]:
-    """The report's files: tables (views of (stem, long, wide, caption)), figures, run.json, config.json, checks.txt."""
+                 views: list[tuple[str, Any, Any, str]], checks: tuple[str, list[CheckWarning]]) -> dict[str, Any]:
+    """The report's files: tables (views of (stem, long, wide, caption)), figures, run.json, config.json,
+    checks.txt (checks: its text, and the warnings) and report.html."""
     paths: dict[str, Any] = {stem: write_table(long, wide, run_dir, stem, caption)
                              for stem, long, wide, caption in views}
     paths["figures"] = write_figures(frames, run_dir / FIGURES)
@@ -130,5 +138,17 @@ def _write_files(store: Store, run_id: str, run_dir: Path, frames: dict[str, Any
     # The full resolved configuration of every cell, in run order, next to the settings and environment.
     write_text(run_dir / "config.json", json.dumps(
         [{"key": key, **cell.config()} for key, cell in store.run_cells(run_id)], indent=2, sort_keys=True))
-    paths["checks"] = write_text(run_dir / "checks.txt", checks)
+    paths["checks"] = write_text(run_dir / "checks.txt", checks[0])
+    pngs = {stem: files["png"] for stem, files in paths["figures"].items()}
+    paths["html"] = write_text(run_dir / HTML_REPORT, report_html(frames["info"], views, checks[1], pngs,
+                                                                  _checks_doc_link(run_dir)))
     return paths
+
+
+def _checks_doc_link(run_dir: Path) -> str:
+    """docs/checks.md relative to the report's folder when this is a source checkout (it then opens offline
+    and on a code host), else the bare repository path."""
+    doc = REPO_ROOT / CHECKS_DOC
+    if not doc.exists():
+        return CHECKS_DOC
+    return Path(os.path.relpath(doc, run_dir.resolve())).as_posix()

@@ -188,10 +188,15 @@ def to_latex(table: pd.DataFrame, caption: str, label: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def csv_text(long: pd.DataFrame) -> str:
+    """A long table as its `<stem>.csv` holds it (six significant digits; the HTML report shows the same text)."""
+    return long.to_csv(index=False, float_format="%.6g")
+
+
 def write_table(long: pd.DataFrame, wide: pd.DataFrame, folder: Path, stem: str, caption: str) -> dict[str, Path]:
     """Save one table as `<stem>.csv` (long, machine-readable), `.md` and `.tex` (wide); returns the paths."""
     paths = {"csv": folder / f"{stem}.csv", "md": folder / f"{stem}.md", "tex": folder / f"{stem}.tex"}
-    write_text(paths["csv"], long.to_csv(index=False, float_format="%.6g"))
+    write_text(paths["csv"], csv_text(long))
     write_text(paths["md"], caption + "\n\n" + to_markdown(wide))
     write_text(paths["tex"], to_latex(wide, caption, stem.replace("_", "-")))
     return paths
