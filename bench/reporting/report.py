@@ -10,6 +10,7 @@ from typing import Any
 import bench.reporting.plots
 from bench.core.atomic import write_bytes, write_text
 from bench.reporting.checks import run_checks
+from bench.reporting.metrics import METRICS_NAME, build_metrics, metrics_text
 from bench.execution.fingerprint import code_fingerprint
 from bench.reporting.plots import figures, save_figure
 from bench.execution.store import Store
@@ -92,7 +93,8 @@ def write_figures(frames: dict[str, Any], folder: Path) -> dict[str, dict[str, P
 def write_report(store: Store, run_id: str, run_dir: Path | None, robust_thresholds=None) -> dict[str, Any]:
     """Write the run's tables (CSV, Markdown, LaTeX) and figures (PNG, PDF) under run_dir (None: no files).
 
-    Returns the terminal text, the paths written, the accuracy frame ("frame") and all frames.
+    Returns the terminal text, the paths written, the accuracy frame ("frame"), all frames and the
+    metrics.json document ("metrics", bench.reporting.metrics).
     """
     frames = run_frames(store, run_id, robust_thresholds)
     info, cells, run = frames["info"], frames["cells"], frames["run"]
@@ -116,13 +118,15 @@ def write_report(store: Store, run_id: str, run_dir: Path | None, robust_thresho
         banner = (f"INCOMPLETE RUN: {len(missing)} of {len(cells)} cell(s) have no results (killed or failed run); "
                   "re-run the same profile into the same results folder to finish it\n")
         text, checks = banner + text, banner + checks
-    paths = {} if run_dir is None else _write_files(store, run_id, run_dir, frames, views, checks)
-    return {"text": text, "paths": paths, "frame": frames["accuracy"], "frames": frames}
+    metrics = build_metrics(frames)
+    paths = {} if run_dir is None else _write_files(store, run_id, run_dir, frames, views, checks, metrics)
+    return {"text": text, "paths": paths, "frame": frames["accuracy"], "frames": frames, "metrics": metrics}
 
 
 def _write_files(store: Store, run_id: str, run_dir: Path, frames: dict[str, Any],
-                 views: list[tuple[str, Any, Any, str]], checks: str) -> dict[str, Any]:
-    """The report's files: tables (views of (stem, long, wide, caption)), figures, run.json, config.json, checks.txt."""
+                 views: list[tuple[str, Any, Any, str]], checks: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The report's files: tables (views of (stem, long, wide, caption)), figures, run.json, config.json,
+    checks.txt and metrics.json."""
     paths: dict[str, Any] = {stem: write_table(long, wide, run_dir, stem, caption)
                              for stem, long, wide, caption in views}
     paths["figures"] = write_figures(frames, run_dir / FIGURES)
@@ -131,4 +135,5 @@ def _write_files(store: Store, run_id: str, run_dir: Path, frames: dict[str, Any
     write_text(run_dir / "config.json", json.dumps(
         [{"key": key, **cell.config()} for key, cell in store.run_cells(run_id)], indent=2, sort_keys=True))
     paths["checks"] = write_text(run_dir / "checks.txt", checks)
+    paths["metrics"] = write_text(run_dir / METRICS_NAME, metrics_text(metrics))
     return paths
