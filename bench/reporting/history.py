@@ -17,7 +17,7 @@ from bench.reporting.metrics import (SEPARATOR, accuracy_path, build_metrics, ce
                                      robust_path)
 from bench.reporting.report import run_frames
 from bench.reporting.table_registry import tables
-from bench.reporting.tables import percent_with_ci
+from bench.reporting.tables import percent_with_ci, to_text_left
 
 __all__ = ["HISTORY_COLUMNS", "format_history", "run_history", "select_runs", "tested_paths"]
 
@@ -176,15 +176,6 @@ def _value(row: Any) -> str:
     if not np.isfinite(row.value):
         return "-"
     return percent_with_ci(row.value, row.low, row.high) if np.isfinite(row.n) else f"{row.value:.4g}"
-
-
-def to_text_left(frame: pd.DataFrame) -> str:
-    """A frame of strings as left-aligned text columns (a metric's path reads from its start)."""
-    widths = {c: max(len(c), *(len(str(v)) for v in frame[c])) for c in frame.columns}
-    lines = [" ".join(f"{c:<{widths[c]}}" for c in frame.columns)]
-    lines += [" ".join(f"{str(v):<{widths[c]}}" for c, v in zip(frame.columns, row, strict=True))
-              for row in frame.itertuples(index=False)]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def format_history(frame: pd.DataFrame) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from bench.core.errors import UserError
-from bench.reporting.tables import CLEAN, WORST
+from bench.reporting.tables import CLEAN, WORST, to_text_left
 
 __all__ = ["METRICS_NAME", "MetricsError", "SCHEMA_VERSION", "accuracy_path", "build_metrics", "certified_path",
            "diff_metrics", "flatten_metrics", "format_diff", "metrics_text", "read_metrics", "robust_path"]
@@ -75,11 +75,11 @@ def _overhead(row: dict[str, Any]) -> dict[str, Any]:
     costs: dict[str, Any] = {}
     predict = {c[len("predict_s_"):]: rounded(v) for c, v in row.items() if c.startswith("predict_s_")}
     passes = {c[len("passes "):]: rounded(v) for c, v in row.items() if c.startswith("passes ")}
-    for key, value in (("train_steps", row.get("train_steps")), ("train_s_per_step", row.get("train_s_per_step")),
-                       ("train_vs_undefended", row.get("train_relative")),
-                       ("certify_s_per_image", row.get("certify_s"))):
-        if rounded(value) is not None:
-            costs[key] = int(value) if key == "train_steps" else rounded(value)
+    for key, column in (("train_steps", "train_steps"), ("train_s_per_step", "train_s_per_step"),
+                        ("train_vs_undefended", "train_relative"), ("certify_s_per_image", "certify_s")):
+        value = rounded(row.get(column))
+        if value is not None:
+            costs[key] = int(value) if key == "train_steps" else value
     for key, values in (("predict_s_per_image", predict), ("forward_passes_per_example", passes)):
         kept = {draws: v for draws, v in values.items() if v is not None}
         if kept:
@@ -163,10 +163,6 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     return document
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def diff_metrics(old: dict[str, Any], new: dict[str, Any], everything: bool = False) -> pd.DataFrame:
     """Like `dvc metrics diff`: one row (path, old, new, change) per number that differs or is on one side
     only (every number with `everything`), sorted by path; old / new are None where a side lacks the
@@ -177,7 +173,8 @@ def diff_metrics(old: dict[str, Any], new: dict[str, Any], everything: bool = Fa
         before, after = a.get(path), b.get(path)
         if before == after and path in a and path in b and not everything:
             continue
-        change = after - before if _is_number(before) and _is_number(after) else np.nan
+        # Metrics hold numbers and nulls only (no booleans): both numbers have a change.
+        change = after - before if isinstance(before, int | float) and isinstance(after, int | float) else np.nan
         rows.append({"path": path, "old": before, "new": after, "change": change})
     # old and new stay objects: an int stays an int and a missing number None, as in the files.
     frame = pd.DataFrame(rows, columns=["path", "old", "new", "change"], dtype=object)
@@ -192,4 +189,4 @@ def format_diff(frame: pd.DataFrame, old: dict[str, Any], new: dict[str, Any]) -
     shown = frame.assign(**{side: ["-" if v is None else f"{v:.6g}" for v in frame[side]] for side in ("old", "new")},
                          change=["-" if not np.isfinite(v) else f"{v:+.6g}" for v in frame["change"]])
     changed = sum(1 for a, b in zip(frame["old"], frame["new"], strict=True) if a != b)
-    return runs + shown.to_string(index=False) + f"\n{changed} metric(s) differ\n"
+    return runs + to_text_left(shown) + f"\n{changed} metric(s) differ\n"
