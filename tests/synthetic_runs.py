@@ -70,14 +70,20 @@ def cells_and_records() -> list[tuple[Cell, list[Record]]]:
     return [(cell, records) for cell, records, _ in synthetic_run()]
 
 
-def fill_store(store: Store, run_id: str = "synthetic-run", finished: int | None = None) -> str:
-    """Write the synthetic run into a store (run, cells, records, infos); returns the run id.
+def store_run(store: Store, run_id: str, run: list[tuple[Cell, list[Record], dict]], profile: str = "synthetic",
+              settings: dict | None = None, environment: dict | None = None, finished: int | None = None) -> str:
+    """Write (cell, records, info) triples into a store as one run of `profile`; returns the run id.
 
     `finished`: only the first that many cells get results (a killed run); None: all of them.
     """
-    run = synthetic_run()
     keyed = [(cell_key(cell, {}), cell) for cell, _, _ in run]
-    store.start_run(run_id, "synthetic", SETTINGS, ENVIRONMENT, keyed)
+    store.start_run(run_id, profile, settings or SETTINGS, environment or ENVIRONMENT, keyed)
     for (key, cell), (_, records, info) in list(zip(keyed, run, strict=True))[:finished]:
         store.write_cell(key, cell, records, info)
     return run_id
+
+
+def fill_store(store: Store, run_id: str = "synthetic-run", finished: int | None = None) -> str:
+    """Write the synthetic run into a store (run, cells, records, infos); returns the run id (`finished`: as
+    in store_run)."""
+    return store_run(store, run_id, synthetic_run(), finished=finished)

@@ -116,6 +116,8 @@ HELP = {
     "baseline": ["run", "--results", "--out"],
     "estimate": ["profile", "--device-flops", "--examples", "--max-steps", "--max-draws", "--seed", "--threads"],
     "store": ["check", "recover"],
+    "history": ["RESULTS", "--results", "--metric", "--profile", "--last", "--tolerance", "--alpha", "--out"],
+    "metrics": ["diff"],
 }
 
 

@@ -1,4 +1,5 @@
-"""Command-line interface: `pixeldp-bench run | list | report | compare | baseline | store` (also `python -m bench`)."""
+"""Command-line interface: `pixeldp-bench run | list | report | compare | baseline | store | history | metrics`
+(also `python -m bench`)."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ from bench.reporting.compare import (check_complete, compare_runs, format_compar
                                      open_run)
 from bench.execution.estimate import add_parser as add_estimate
 from bench.cli.store_tools import add_parser as add_store
+from bench.cli.history_tools import add_parser as add_history
 from bench.reporting.tables import write_table
 from bench.core.atomic import advice, write_text
 from bench.profile.config import shipped_profiles
@@ -21,6 +23,7 @@ from bench.core.errors import UserError
 from bench.profile.plugins import load_plugins, loaded_plugins
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES
 from bench.reporting.report import write_report
+from bench.reporting.history_files import report_history
 from bench.profile.speed import AUTOCAST_CHOICES
 from bench.execution.store import Store, StoreError
 from bench.reporting.table_registry import tables
@@ -104,7 +107,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"{results / run_id} is not writable; tables go to {out}")
     with advice(f"re-run `pixeldp-bench report {args.run}`"):
         report = write_report(store, run_id, out, robust_thresholds=args.robust_thresholds)
+        note = report_history(store, run_id, out, prepare=load_run_plugins)
     print(report["text"], end="")
+    if note is not None:
+        print(note)
     print(f"tables written to {out}")
     return 0
 
@@ -236,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_estimate(sub)
     add_store(sub)
+    add_history(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ from bench.profile.plugins import load_plugins, run_plugins
 from bench.profile.preflight import check_inputs
 from bench.execution.ray_executor import RaySettings, check_settings, execute_ray, import_ray
 from bench.reporting.report import write_report
+from bench.reporting.history_files import report_history
 from bench.execution.runner import RunOptions, execute, keyed
 from bench.profile.speed import SpeedError, check_device, configure_backends
 from bench.execution.store import STORE_NAME, Store
@@ -269,7 +270,10 @@ def _register_and_execute(profile: Profile, cells, store: Store, results: Path, 
         counts = execute(cells, store, run_options) if ray is None else execute_ray(cells, store, run_options, ray)
         say(f"{counts['run']} cell(s) computed, {counts['skipped']} reused from the store\n")
         report = write_report(store, run_id, run_dir)
+        note = report_history(store, run_id, run_dir, prepare=load_run_plugins)
     say(report["text"])
+    if note is not None:
+        say(note + "\n")
     say(f"tables written to {run_dir}\n")
     return Finished(run_id=run_id, results=results, report=report)
 

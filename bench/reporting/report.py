@@ -12,6 +12,7 @@ import bench.reporting.plots
 from bench.core.atomic import write_bytes, write_text
 from bench.reporting.check_ids import CHECKS_DOC, INCOMPLETE_RUN, CheckWarning
 from bench.reporting.checks import run_checks
+from bench.reporting.metrics import METRICS_NAME, build_metrics, metrics_text
 from bench.execution.fingerprint import code_fingerprint
 from bench.reporting.html import report_html
 from bench.reporting.plots import figures, save_figure
@@ -98,7 +99,8 @@ def write_report(store: Store, run_id: str, run_dir: Path | None, robust_thresho
     """Write the run's tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and `report.html` (all of them on one
     self-contained page) under run_dir (None: no files).
 
-    Returns the terminal text, the paths written, the accuracy frame ("frame") and all frames.
+    Returns the terminal text, the paths written, the accuracy frame ("frame"), all frames and the
+    metrics.json document ("metrics", bench.reporting.metrics).
     """
     frames = run_frames(store, run_id, robust_thresholds)
     info, cells, run = frames["info"], frames["cells"], frames["run"]
@@ -123,14 +125,16 @@ def write_report(store: Store, run_id: str, run_dir: Path | None, robust_thresho
                   "re-run the same profile into the same results folder to finish it\n")
         text, checks = banner + text, banner + checks
         warnings = [CheckWarning(banner, INCOMPLETE_RUN), *warnings]
-    paths = {} if run_dir is None else _write_files(store, run_id, run_dir, frames, views, (checks, warnings))
-    return {"text": text, "paths": paths, "frame": frames["accuracy"], "frames": frames}
+    metrics = build_metrics(frames)
+    paths = {} if run_dir is None else _write_files(store, run_id, run_dir, frames, views, (checks, warnings), metrics)
+    return {"text": text, "paths": paths, "frame": frames["accuracy"], "frames": frames, "metrics": metrics}
 
 
 def _write_files(store: Store, run_id: str, run_dir: Path, frames: dict[str, Any],
-                 views: list[tuple[str, Any, Any, str]], checks: tuple[str, list[CheckWarning]]) -> dict[str, Any]:
+                 views: list[tuple[str, Any, Any, str]], checks: tuple[str, list[CheckWarning]],
+                 metrics: dict[str, Any]) -> dict[str, Any]:
     """The report's files: tables (views of (stem, long, wide, caption)), figures, run.json, config.json,
-    checks.txt (checks: its text, and the warnings) and report.html."""
+    checks.txt (checks: its text, and the warnings), metrics.json and report.html."""
     paths: dict[str, Any] = {stem: write_table(long, wide, run_dir, stem, caption)
                              for stem, long, wide, caption in views}
     paths["figures"] = write_figures(frames, run_dir / FIGURES)
@@ -139,6 +143,7 @@ def _write_files(store: Store, run_id: str, run_dir: Path, frames: dict[str, Any
     write_text(run_dir / "config.json", json.dumps(
         [{"key": key, **cell.config()} for key, cell in store.run_cells(run_id)], indent=2, sort_keys=True))
     paths["checks"] = write_text(run_dir / "checks.txt", checks[0])
+    paths["metrics"] = write_text(run_dir / METRICS_NAME, metrics_text(metrics))
     pngs = {stem: files["png"] for stem, files in paths["figures"].items()}
     paths["html"] = write_text(run_dir / HTML_REPORT, report_html(frames["info"], views, checks[1], pngs,
                                                                   _checks_doc_link(run_dir)))

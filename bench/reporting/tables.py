@@ -164,6 +164,15 @@ def to_text(table: pd.DataFrame, width: int = TEXT_WIDTH) -> str:
     return "\n".join(table[keys + block].to_string(index=False) + "\n" for block in blocks)
 
 
+def to_text_left(frame: pd.DataFrame) -> str:
+    """A frame of strings as left-aligned text columns (a metric's path reads from its start)."""
+    widths = {c: max(len(c), *(len(str(v)) for v in frame[c])) for c in frame.columns}
+    lines = [" ".join(f"{c:<{widths[c]}}" for c in frame.columns)]
+    lines += [" ".join(f"{str(v):<{widths[c]}}" for c, v in zip(frame.columns, row, strict=True))
+              for row in frame.itertuples(index=False)]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def latex_escape(text: object) -> str:
     """Escape LaTeX's special characters in a cell or header."""
     return "".join(LATEX_SPECIAL.get(ch, ch) for ch in str(text))
