@@ -19,7 +19,7 @@ PACKAGES = ("bench", "attacks", "defenses", "pixeldp_bench")
 
 # bench/ module (its first dotted component below `bench`) -> layer.
 BENCH_LAYERS = {
-    "core": {"", "errors", "types", "registry", "atomic", "stats", "draws", "precision", "subbatch", "data",
+    "core": {"", "errors", "types", "devices", "registry", "atomic", "stats", "draws", "precision", "subbatch", "data",
              "models", "archs", "defense", "weights", "zoo"},
     "builtins": {"builtins"},
     "profile": {"speed", "plugins", "params", "config", "preflight", "toml_text"},
