@@ -1,4 +1,4 @@
 """`python -m bench` runs the command-line interface."""
-from bench.cli.main import main
+from bench.cli.commands import main
 
 raise SystemExit(main())

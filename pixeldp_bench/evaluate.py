@@ -12,8 +12,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from bench.cli.session import pick_device, read_profile, results_folder
+from bench.cli.session import read_profile, results_folder
 from bench.profile.config import ConfigError
+from bench.core.devices import pick_device
 from bench.execution.runner import keyed
 from bench.profile.plugins import load_plugins
 from bench.profile.preflight import check_defenses, resolve_weights
@@ -33,7 +34,7 @@ class _GivenExamples(Runner):
     """The runner with the caller's tensors as every cell's test examples (indices 0..n-1)."""
 
     def __init__(self, store: Store, options: RunOptions, x: torch.Tensor, y: torch.Tensor):
-        super().__init__(store, options)
+        super().__init__(store, options, log=lambda message: None)
         self.given = (torch.arange(len(y)), x, y)
 
     def test_examples(self, cell: Cell) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,8 +108,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     with tempfile.TemporaryDirectory() as scratch:  # the runner's store: nothing is trained, nothing kept
         store = Store(Path(scratch) / STORE_NAME)
         try:
-            runner = _GivenExamples(store, RunOptions(results_dir=folder, device=run_device, progress=False,
-                                                      batch_size=resolved.batch_size, log=lambda message: None), x, y)
+            runner = _GivenExamples(store, RunOptions(results_dir=folder, device=str(run_device), progress=False,
+                                                      batch_size=resolved.batch_size), x, y)
             for key, cell in keyed(cells):
                 records, _ = runner.run_cell(cell, key)
                 rows += [(cell.dataset, cell.defense_label, cell.attack_label, cell.norm, cell.eps,

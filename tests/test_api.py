@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 import pixeldp_bench
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import ConfigError
 from bench.core.data import REPO_ROOT
 from bench.reporting.table_registry import tables

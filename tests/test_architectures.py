@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models import inception_v3 as tv_inception_v3
 
 from bench.core.archs import describe_models
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.data import DatasetError
 from bench.core.models import ImageClassifier, Normalize, build_model, count_parameters
 from bench.core.registry import MODELS

@@ -7,7 +7,7 @@ import pytest
 from synthetic_runs import fill_store
 
 from bench.reporting.baseline import export_run, load_export
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.execution.store import Store, StoreError
 
 

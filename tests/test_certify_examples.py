@@ -5,7 +5,7 @@ import pandas as pd
 from dataset_files import write_mnist
 
 import bench.execution.runner
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import parse_profile
 from bench.core.data import load_split, select_examples
 from bench.execution.store import Store

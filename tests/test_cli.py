@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.cli.main import build_parser, main
+from bench.cli.commands import build_parser, main
 from bench.execution.store import Store
 
 TINY = """

@@ -13,7 +13,7 @@ import pytest
 
 import pixeldp_bench
 from bench.reporting.baseline import export_run, load_export
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.reporting.compare import (Outcomes, compare_outcomes, holm, missing_from_new, only_common, open_run,
                                      paired_test, run_outcomes)
 from bench.core.data import REPO_ROOT

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from bench.cli.main import main
+from bench.cli.commands import main
 
 BASE = """
 [run]

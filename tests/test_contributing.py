@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.registry import ATTACKS, DEFENSES
 from bench.execution.store import Store
 from bench.reporting.table_registry import TABLES

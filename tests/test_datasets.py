@@ -10,7 +10,7 @@ import torchvision
 from dataset_files import (IMAGENET_WNIDS, imagenet_color, write_cifar10, write_cifar100, write_imagenet, write_mnist,
                            write_svhn)
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.data import DatasetError, data_root, gather, get_spec, load_split, select_examples
 from bench.core.data.augment import horizontal_flip, pad_crop_flip
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import bench.core.atomic
-from bench.cli.main import main
+from bench.cli.commands import main
 
 TINY = """
 [run]

@@ -10,7 +10,7 @@ import pytest
 import attacks
 import bench
 import defenses
-from bench.cli import main as cli
+from bench.cli import commands as cli
 from bench.core.errors import UserError
 from bench.execution.training import TrainingDivergedError
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import parse_profile
 from bench.execution.estimate import estimate_profile, extrapolate, training_step_flops
 from bench.core.registry import DATASETS, DEFENSES

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from dataset_files import write_fashion_mnist, write_idx, write_mnist
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.data import DatasetError, gather, get_spec, load_split
 
 RAW = Path("FashionMNIST") / "raw"

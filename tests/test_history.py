@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 import pixeldp_bench
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.types import Cell, Record
 from bench.execution.keys import cell_key
 from bench.execution.store import Store

@@ -15,7 +15,7 @@ from torch import nn
 import bench.core.atomic
 from bench.core.atomic import OutputWriteError
 from bench.execution.cache import ModelCache
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.execution.store import Store
 from defenses.pixeldp.certify import cohen_radius, pixeldp_gaussian_radius, pixeldp_laplace_radius, renyi_radius
 

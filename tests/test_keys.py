@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import bench.execution.fingerprint as fingerprint
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import ConfigError, load_profile, parse_profile
 from bench.execution.fingerprint import code_fingerprint, source_files
 from bench.profile.params import resolve_attack_params
@@ -41,7 +41,7 @@ def test_editing_pgd_recomputes_exactly_the_cells_that_run_pgd_code(monkeypatch)
     assert not any(cells[i].attack == "none" and cells[i].defense != "madry" for i in changed)
 
 
-@pytest.mark.parametrize("edited", ["bench/cli/main.py", "bench/cli/session.py", "bench/profile/toml_text.py",
+@pytest.mark.parametrize("edited", ["bench/cli/main/main.py", "bench/cli/main/session.py", "bench/profile/toml_text.py",
                                     "bench/reporting/report.py", "bench/reporting/plots.py",
                                     "bench/reporting/compare.py",
                                     "pixeldp_bench/runs.py"])

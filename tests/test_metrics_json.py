@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.types import Cell, Record
 from bench.execution.store import Store
 from bench.reporting.metrics import (SCHEMA_VERSION, build_metrics, diff_metrics, flatten_metrics, metrics_text,

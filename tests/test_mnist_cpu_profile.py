@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataset_files import write_fashion_mnist, write_mnist
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import load_profile
 
 

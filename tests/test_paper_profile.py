@@ -7,7 +7,7 @@ from importlib import resources
 import pytest
 from dataset_files import write_all_tiny, write_inception_weights
 
-from bench.cli.main import STORE_NAME, main
+from bench.cli.commands import STORE_NAME, main
 from bench.profile.config import ConfigError, load_profile, parse_profile
 from bench.core.registry import ATTACKS, DEFENSES, MODELS
 from bench.execution.store import Store

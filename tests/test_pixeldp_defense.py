@@ -109,9 +109,9 @@ def test_runner_trains_caches_and_certifies(tmp_path):
     profile = parse_profile(text, "tiny")
     store = Store(tmp_path / "store.sqlite")
     logs: list[str] = []
-    options = RunOptions(results_dir=tmp_path, batch_size=5, progress=False, log=logs.append)
+    options = RunOptions(results_dir=tmp_path, batch_size=5, progress=False)
     cells = keyed(profile.cells)
-    assert execute(cells, store, options) == {"run": 4, "skipped": 0}
+    assert execute(cells, store, options, log=logs.append) == {"run": 4, "skipped": 0}
     # The certifier is evaluation-only: one training, the second defense loads the same weights.
     assert sum(message.startswith("training") for message in logs) == 1
     assert len(list((tmp_path / "models").glob("*.safetensors"))) == 1
@@ -124,4 +124,4 @@ def test_runner_trains_caches_and_certifies(tmp_path):
     agree = sum(r.clean_pred == s.clean_pred for r, s in zip(clean, records["pdp_cohen/none"], strict=True))
     assert agree >= 8, agree
     assert all(r.radius is not None for r in records["pdp/pgd_l2"])
-    assert execute(cells, Store(tmp_path / "store.sqlite"), options) == {"run": 0, "skipped": 4}
+    assert execute(cells, Store(tmp_path / "store.sqlite"), options, log=logs.append) == {"run": 0, "skipped": 4}

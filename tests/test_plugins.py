@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.profile import plugins
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES
 from bench.core.types import ThreatModel
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import ConfigError, parse_profile
 from bench.execution.ray_executor import RaySettings, check_settings
 from bench.execution.store import Store

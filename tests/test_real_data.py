@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.data import dataset_labels, gather, load_split, select_examples
 
 # Published per-class counts (LeCun et al. 1998; Xiao et al. 2017), digits / classes 0..9.

@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from bench.cli.main import build_parser, main
+from bench.cli.commands import build_parser, main
 from bench.reporting.report import run_frames, write_report
 from bench.execution.store import Store
 from synthetic_runs import SETTINGS, fill_store, synthetic_run

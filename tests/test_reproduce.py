@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import load_profile
 from bench.core.data import gather, load_split, select_examples
 from bench.reporting.tables_published import published_frame, published_pivot

@@ -3,7 +3,7 @@ import sqlite3
 
 import pytest
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.execution.store import Store
 
 TINY = """

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from scipy.stats import binomtest
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.data import gather, load_split, select_examples
 from bench.core.registry import DATASETS
 from bench.reporting.tables import accuracy_frame

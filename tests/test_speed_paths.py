@@ -12,7 +12,7 @@ from torch.utils.data import Dataset, TensorDataset
 from attacks.cw import carlini_wagner_l2
 from attacks.pgd import projected_gradient_descent
 from bench.execution.cache import ModelCache
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import ConfigError, parse_profile
 from bench.core.data import gather
 from bench.core.data.torchvision_sets import ImageTensorDataset

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.execution.store import ClaimOwner, DamagedCellError, Store, StoreError
 from bench.cli.store_tools import check_store, recover_store
 from synthetic_runs import fill_store

@@ -21,7 +21,7 @@ import pytest
 
 import bench.core.atomic
 import bench.reporting.report
-from bench.cli.main import main
+from bench.cli.commands import main
 
 PROFILE = """
 [run]

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import ConfigError, parse_profile
 from bench.execution.runner import keyed
 from bench.core.registry import ATTACKS, DATASETS, UnknownNameError
@@ -266,8 +266,8 @@ def test_runner_back_off_gives_the_records_of_the_size_it_settled_on(tmp_path):
     ATTACKS.register("greedy_pgd_test", _greedy_pgd, norm="linf", minimum_norm=False, eot=False)
     try:
         logs: list[str] = []
-        options = RunOptions(results_dir=tmp_path, batch_size=24, progress=False, log=logs.append)
-        runner = Runner(Store(tmp_path / "store.sqlite"), options)
+        options = RunOptions(results_dir=tmp_path, batch_size=24, progress=False)
+        runner = Runner(Store(tmp_path / "store.sqlite"), options, log=logs.append)
         (key, backed_off), = [kc for kc in keyed(_profile(attack="greedy_pgd_test").cells) if kc[1].attack != "none"]
         (_, given), = [kc for kc in keyed(_profile(attack="greedy_pgd_test", attack_batch="batch_size = 6").cells)
                        if kc[1].attack != "none"]
@@ -287,8 +287,8 @@ def test_runner_back_off_gives_the_records_of_the_size_it_settled_on(tmp_path):
 def test_a_cells_draws_follow_its_configuration_not_its_key(tmp_path):
     """PixelDP's noise and PGD's random starts are seeded by the cell's configuration: the key a code edit alone
     would give (a refactor) draws the same, so records change only where results do."""
-    options = RunOptions(results_dir=tmp_path, batch_size=24, progress=False, log=lambda message: None)
-    runner = Runner(Store(tmp_path / "store.sqlite"), options)
+    options = RunOptions(results_dir=tmp_path, batch_size=24, progress=False)
+    runner = Runner(Store(tmp_path / "store.sqlite"), options, log=lambda message: None)
     (key, cell), = [kc for kc in keyed(_profile().cells) if kc[1].attack != "none"]
     first, _ = _records(runner, cell, key)
     again, _ = _records(runner, cell, "0" * 20)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.execution.keys import cell_key
 from bench.profile.config import ConfigError, parse_profile
 from bench.profile.preflight import check_inputs

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import parse_profile
 from bench.core.data import gather, load_split, select_examples
 from bench.profile.preflight import check_inputs

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import bench.core.zoo as zoo
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.profile.config import ConfigError, parse_profile
 from bench.core.data import gather, load_split, select_examples
 from bench.execution.runner import keyed

@@ -1,4 +1,4 @@
 """The command line (`pixeldp-bench`), a thin shell over bench.cli.session and the public API."""
-from bench.cli.main import main
+from bench.cli.commands import main
 
 __all__ = ["main"]

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,18 +15,19 @@ import torch
 from bench.core.atomic import OutputWriteError, advice
 from bench.profile.config import ConfigError, Profile, load_profile, parse_profile
 from bench.core.data import REPO_ROOT
+from bench.core.devices import pick_device, ray_driver_device
 from bench.execution.environment import environment
 from bench.profile.plugins import load_plugins, run_plugins
 from bench.profile.preflight import check_inputs
 from bench.execution.ray_executor import RaySettings, check_settings, execute_ray, import_ray
 from bench.reporting.report import write_report
-from bench.reporting.history_files import report_history
 from bench.execution.runner import RunOptions, execute, keyed
 from bench.profile.speed import SpeedError, check_device, configure_backends
 from bench.execution.store import STORE_NAME, Store
 from bench.profile.toml_text import to_toml
 from bench.execution.training import LoaderOptions
 from bench.execution.dryrun import explain, format_plan
+from bench.reporting.history_files import report_history
 
 __all__ = ["STORE_NAME", "Finished", "run_profile", "default_results_dir", "results_folder", "load_run_plugins"]
 
@@ -52,35 +53,6 @@ def default_results_dir() -> Path:
     if (REPO_ROOT / "pyproject.toml").exists():
         return REPO_ROOT / "results"
     return Path.home() / ".local" / "share" / "pixeldp-bench" / "results"
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available; otherwise cpu, cuda, cuda:N or mps."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    return device
-
-
-def worker_device_name(name: str) -> torch.device:
-    """With Ray the device is chosen on each worker: only the name is checked here (the driver may have no GPU)."""
-    if name == "auto":
-        return torch.device("cpu")  # what the driver records; each worker picks its own
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {name!r} is not supported with --executor ray; use auto, cpu or cuda")
-    # The driver records its own hardware; a GPU-less head node still sends cells to GPU workers.
-    return device if device.type == "cpu" or torch.cuda.is_available() else torch.device("cpu")
 
 
 def results_folder(given: str | os.PathLike | None, write: bool) -> Path:
@@ -148,7 +120,7 @@ def check_speed(profile: Profile, device: torch.device) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def ray_settings(profile: Profile, *, executor: str, device: str, address: str | None, workers: int | None,
+def ray_settings(profile: Profile, *, executor: str, address: str | None, workers: int | None,
                  cpus_per_task: float | None, gpus_per_task: float | None, ship_models: bool) -> RaySettings:
     """Ray settings from the arguments, then the profile's [run] keys, then defaults (checked)."""
     if executor != "ray":
@@ -158,7 +130,7 @@ def ray_settings(profile: Profile, *, executor: str, device: str, address: str |
     gpus = gpus_per_task if gpus_per_task is not None else profile.gpus_per_task
     settings = RaySettings(address=address, workers=workers, cpus_per_task=1.0 if cpus is None else cpus,
                            gpus_per_task=gpus, plugins=run_plugins({"profile_source": profile.source}),
-                           device=device, ship_models=ship_models, cudnn_benchmark=profile.cudnn_benchmark)
+                           ship_models=ship_models, cudnn_benchmark=profile.cudnn_benchmark)
     check_settings(settings)
     import_ray()  # refuse before anything is written when the extra is missing
     return settings
@@ -205,7 +177,7 @@ def run_profile(profile: ProfileSpec, *, results: str | os.PathLike | None = Non
                             only_datasets=datasets)
     if prepare is not None:
         resolved = prepare(resolved)
-    run_device = pick_device(device) if executor == "local" else worker_device_name(device)
+    run_device = pick_device(device) if executor == "local" else ray_driver_device(device)
     if executor == "local" or device == "cpu":
         check_speed(resolved, run_device)  # Ray workers check their own device (the driver may have no GPU)
     # Weights, factories and data splits (and the examples they hold), before anything is written.
@@ -224,7 +196,7 @@ def run_profile(profile: ProfileSpec, *, results: str | os.PathLike | None = Non
     ray_flags = (ray_address, ray_workers, cpus_per_task, gpus_per_task, ray_ship_models or None)
     ray = None
     if executor == "ray" or any(v is not None for v in ray_flags):
-        ray = ray_settings(resolved, executor=executor, device=device, address=ray_address, workers=ray_workers,
+        ray = ray_settings(resolved, executor=executor, address=ray_address, workers=ray_workers,
                            cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task, ship_models=ray_ship_models)
     cells = keyed(resolved.cells)
     if dry_run_only:
@@ -235,21 +207,29 @@ def run_profile(profile: ProfileSpec, *, results: str | os.PathLike | None = Non
         warn("pixeldp-bench: warning: --max-steps 0 trains nothing: every model is evaluated untrained\n")
     if resolved.seed_source == "os":
         say(f"seed {resolved.seed} (drawn from the OS; pass --seed {resolved.seed} to repeat this run)\n")
+    # A Ray run hands the device name to its workers, each resolving it on its own node.
+    run_options = RunOptions(results_dir=folder, device=device if ray is not None else str(run_device),
+                             data_root=Path(data_root) if data_root else None, download=download,
+                             batch_size=resolved.batch_size, progress=progress, max_draws=max_draws,
+                             overhead_draws=tuple(resolved.overhead_draws),
+                             loader=LoaderOptions(workers=resolved.loader_workers, pin_memory=resolved.pin_memory))
+    if checkpoint_every is not None:
+        run_options = replace(run_options, checkpoint_seconds=checkpoint_every)
     store = Store(folder / STORE_NAME)
     try:
-        return _register_and_execute(resolved, cells, store, folder, run_device, ray, say=say, log=log,
+        return _register_and_execute(resolved, cells, store, run_device, run_options, ray, say=say,
+                                     log=log or (lambda message: None),
                                      overrides={"examples": examples, "max_steps": max_steps,
-                                                "max_draws": max_draws, "only_datasets": datasets},
-                                     options={"data_root": data_root, "download": download, "progress": progress,
-                                              "checkpoint_every": checkpoint_every})
+                                                "max_draws": max_draws, "only_datasets": datasets})
     finally:
         store.close()
 
 
-def _register_and_execute(profile: Profile, cells, store: Store, results: Path, device: torch.device,
-                          ray: RaySettings | None, *, say: Callable[[str], None], log: Callable[[str], None] | None,
-                          overrides: dict[str, Any], options: dict[str, Any]) -> Finished:
+def _register_and_execute(profile: Profile, cells, store: Store, device: torch.device, run_options: RunOptions,
+                          ray: RaySettings | None, *, say: Callable[[str], None], log: Callable[[str], None],
+                          overrides: dict[str, Any]) -> Finished:
     """Register the run in the store, compute its cells and write its report into its folder."""
+    results = run_options.results_dir
     run_id, run_dir = new_run_folder(results, profile.name)
     settings = profile.settings() | overrides | {
         "profile_source": profile.source,
@@ -258,16 +238,9 @@ def _register_and_execute(profile: Profile, cells, store: Store, results: Path, 
         "examples_per_cell": sorted({c.examples for c in profile.cells})}
     store.start_run(run_id, profile.name, settings, environment(device), cells)
     say(f"run {run_id}: {len(cells)} cells on {device}; results in {run_dir}\n")
-    run_options = RunOptions(results_dir=results, device=device, data_root=options["data_root"],
-                             download=options["download"], batch_size=profile.batch_size,
-                             progress=options["progress"], max_draws=overrides["max_draws"],
-                             overhead_draws=tuple(profile.overhead_draws),
-                             loader=LoaderOptions(workers=profile.loader_workers, pin_memory=profile.pin_memory),
-                             log=log or (lambda message: None))
-    if options["checkpoint_every"] is not None:
-        run_options.checkpoint_seconds = options["checkpoint_every"]
     with advice("re-run the same command: finished cells are kept in the store"):
-        counts = execute(cells, store, run_options) if ray is None else execute_ray(cells, store, run_options, ray)
+        counts = (execute(cells, store, run_options, log) if ray is None
+                  else execute_ray(cells, store, run_options, ray, log))
         say(f"{counts['run']} cell(s) computed, {counts['skipped']} reused from the store\n")
         report = write_report(store, run_id, run_dir)
         note = report_history(store, run_id, run_dir, prepare=load_run_plugins)

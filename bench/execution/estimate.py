@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.profile.config import Profile
 from bench.core.defense import CertifiedDefense, Defense
+from bench.core.devices import parse_device
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from bench.core.types import Cell, canonical_json
 from bench.execution.training import DrawsNoise
@@ -331,7 +332,7 @@ def estimate_profile(profile: Profile, device_flops: float, rate_note: str,
 
 def gemm_rate(size: int = 2048, repeats: int = 3) -> float:
     """This machine's dense fp32 GEMM rate (FLOP/s): best of `repeats` torch.mm of two size x size matrices."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = parse_device("auto")
     a = torch.rand(size, size, device=device)
     b = torch.rand(size, size, device=device)
     best = math.inf

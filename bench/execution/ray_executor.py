@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 from bench.core.atomic import write_bytes, write_text
 from bench.execution.cache import ModelCache
 from bench.profile.config import ConfigError
+from bench.core.devices import ray_worker_device
 from bench.profile.plugins import load_plugins
 from bench.profile.speed import SpeedError, check_device, configure_backends
-from bench.execution.training import LoaderOptions
 from bench.execution.runner import RunOptions, Runner, describe, finished_cell, heartbeat, model_plan
-from bench.execution.store import ClaimOwner, Store
+from bench.execution.store import ClaimOwner, Store, claim_rounds
 from bench.core.types import Cell, Record
 
 __all__ = ["RaySettings", "check_settings", "execute_ray", "import_ray"]
@@ -52,30 +52,19 @@ class RaySettings:
     cpus_per_task: float = 1.0
     gpus_per_task: float | None = None  # None: 1 when the cluster has GPUs, else 0
     plugins: list[str] = field(default_factory=list)  # [run] plugins, imported by every worker
-    device: str = "auto"  # resolved on each worker: auto uses the worker's GPU when Ray gave it one
     max_retries: int = 3  # Ray's retries of a task whose worker died
     ship_models: bool = False  # models through the object store even when workers see the results folder
     cudnn_benchmark: bool = False  # bench.profile.speed: cuDNN autotuning on the workers' GPUs
 
 
 @dataclass(frozen=True)
-class WorkerOptions:
-    """What a worker needs to rebuild the driver's RunOptions on its own node (all plain data)."""
+class WorkerJob:
+    """What every task of a run gets: the driver's RunOptions as they are (the run's settings, device name
+    included), its RaySettings (plugins, threads, ship_models, cudnn_benchmark) and the probe file's name."""
 
-    results_dir: str
+    options: RunOptions
+    ray: RaySettings
     probe: str
-    device: str
-    data_root: str | None
-    download: bool
-    batch_size: int
-    max_draws: int | None
-    overhead_draws: tuple[int, ...]
-    checkpoint_seconds: float
-    plugins: tuple[str, ...]
-    threads: int
-    ship_models: bool = False
-    loader: LoaderOptions = field(default_factory=LoaderOptions)
-    cudnn_benchmark: bool = False
 
 
 def import_ray() -> Any:
@@ -104,37 +93,25 @@ def check_settings(settings: RaySettings) -> None:
 
 
 # ----------------------------------------------------------------------------------- worker side
-_RUNNERS: dict[WorkerOptions, Runner] = {}
+_RUNNER: list[tuple[WorkerJob, Runner]] = []  # this worker's job and its Runner: one run at a time
 
 
-def _worker_runner(options: WorkerOptions) -> Runner:
+def _worker_runner(job: WorkerJob) -> Runner:
     """This worker process's Runner (test data and the current model reused across its cells)."""
-    if options not in _RUNNERS:
+    if not _RUNNER or _RUNNER[0][0] != job:
         # One run at a time per worker: a long-lived cluster must not keep every earlier run's data and models.
-        _RUNNERS.clear()
-        load_plugins(list(options.plugins))
-        torch.set_num_threads(options.threads)
-        shared = not options.ship_models and Path(options.results_dir, "models", options.probe).exists()
-        results = Path(options.results_dir) if shared else Path(tempfile.gettempdir()) / "pixeldp-bench-ray"
-        device = _worker_device(options.device)
-        configure_backends(device, options.cudnn_benchmark)
-        run_options = RunOptions(results_dir=results, device=device,
-                                 data_root=None if options.data_root is None else Path(options.data_root),
-                                 download=options.download, batch_size=options.batch_size, progress=False,
-                                 log=lambda message: None, max_draws=options.max_draws,
-                                 overhead_draws=options.overhead_draws,
-                                 checkpoint_seconds=options.checkpoint_seconds, loader=options.loader)
+        _RUNNER.clear()
+        load_plugins(list(job.ray.plugins))
+        torch.set_num_threads(max(1, int(job.ray.cpus_per_task)))
+        results = job.options.results_dir
+        if job.ray.ship_models or not (results / "models" / job.probe).exists():
+            results = Path(tempfile.gettempdir()) / "pixeldp-bench-ray"  # this node's own model cache
+        device = ray_worker_device(job.options.device)
+        configure_backends(device, job.ray.cudnn_benchmark)
+        options = replace(job.options, results_dir=results, device=str(device), progress=False)
         # Claims for training live in a private in-memory store: the driver gave this model to one task.
-        _RUNNERS[options] = Runner(Store(Path(":memory:")), run_options)
-    return _RUNNERS[options]
-
-
-def _worker_device(name: str) -> torch.device:
-    """The worker's device: CUDA when Ray assigned it a GPU (or the user asked for cuda), else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES")
-                            else "cpu")
-    return torch.device(name)
+        _RUNNER.append((job, Runner(Store(Path(":memory:")), options, log=lambda message: None)))
+    return _RUNNER[0][1]
 
 
 def _check_speed(cell: Cell, device: torch.device) -> None:
@@ -154,22 +131,22 @@ def _store_model(root: Path, name: str, payload: bytes | None) -> None:
     write_bytes(path, payload)
 
 
-def train_model(options: WorkerOptions, cell: Cell) -> bytes | None:
+def train_model(job: WorkerJob, cell: Cell) -> bytes | None:
     """Ray task: train (or load) `cell`'s model into the cache; its bytes when the driver cannot see that cache."""
-    runner = _worker_runner(options)
-    _check_speed(cell, runner.options.device)
+    runner = _worker_runner(job)
+    _check_speed(cell, runner.device)
     runner.defense(cell)  # trains, checkpointing into the worker's cache, and saves the model file
     runner.forget_defenses()
-    if runner.options.results_dir == Path(options.results_dir):
+    if runner.options.results_dir == job.options.results_dir:
         return None  # shared results folder: the file is where the driver and every worker look
     return (runner.cache.root / runner.model_plan(cell).path.name).read_bytes()
 
 
-def run_cell(options: WorkerOptions, key: str, cell: Cell, model_name: str,
+def run_cell(job: WorkerJob, key: str, cell: Cell, model_name: str,
              model: bytes | None) -> tuple[str, list[Record], dict[str, Any]]:
     """Ray task: compute one cell (its model placed first); returns its key, records and info for the driver."""
-    runner = _worker_runner(options)
-    _check_speed(cell, runner.options.device)
+    runner = _worker_runner(job)
+    _check_speed(cell, runner.device)
     _store_model(runner.cache.root, model_name, model)
     runner.forget_defenses(keep=cell)
     records, info = runner.run_cell(cell, key)
@@ -204,8 +181,8 @@ class _Progress:
         self.bar.close()
 
 
-def execute_ray(cells: list[tuple[str, Cell]], store: Store, options: RunOptions,
-                settings: RaySettings) -> dict[str, int]:
+def execute_ray(cells: list[tuple[str, Cell]], store: Store, options: RunOptions, settings: RaySettings,
+                log: Callable[[str], None] = print) -> dict[str, int]:
     """Run every cell not yet in the store as Ray tasks; returns counts of computed / reused cells like `execute`."""
     check_settings(settings)
     ray = import_ray()
@@ -219,71 +196,54 @@ def execute_ray(cells: list[tuple[str, Cell]], store: Store, options: RunOptions
         ray.init(**init)
     try:
         with heartbeat(store.path, owner):
-            return _drive(ray, cells, store, options, settings, owner)
+            return _drive(ray, cells, store, options, settings, owner, log)
     finally:
         if started_here:
             ray.shutdown()
 
 
 def _drive(ray: Any, cells: list[tuple[str, Cell]], store: Store, options: RunOptions, settings: RaySettings,
-           owner: ClaimOwner) -> dict[str, int]:
+           owner: ClaimOwner, log: Callable[[str], None]) -> dict[str, int]:
     """Rounds of claim, submit and collect; cells a live process holds are waited for and reused, like `execute`."""
-    counts = {"run": 0, "skipped": 0}
-    cache = ModelCache(options.results_dir / "models", log=options.log)
-    worker, resources, slots = _task_setup(ray, options, settings, cache)
-    remaining, announced = list(cells), set()
+    cache = ModelCache(options.results_dir / "models", log=log)
+    resources, slots = _task_setup(ray, options, settings)
     probe = _write_probe(cache.root)
-    worker = replace(worker, probe=probe.name)
+    job = WorkerJob(options, settings, probe.name)
+    computed = [0]
+
+    def submit(claimed: Iterator[tuple[str, Cell]]) -> None:
+        mine = list(claimed)
+        try:
+            computed[0] += _submit_and_collect(ray, mine, store, options, cache, job, resources, owner, slots, log)
+        finally:
+            for key, _ in mine:
+                store.release("cell:" + key, owner)  # a no-op for written cells; frees failed ones
+
+    def waiting(item: tuple[str, Cell], holder: str) -> None:
+        log(f"{describe(item[1])}: being computed by {holder}; will reuse its result")
+
     try:
-        while remaining:
-            mine, later = [], []
-            for key, cell in remaining:
-                state = store.claim("cell:" + key, owner)
-                if state == "done":
-                    counts["skipped"] += 1
-                elif state == "mine":
-                    mine.append((key, cell))
-                else:
-                    if key not in announced:
-                        options.log(f"{describe(cell)}: being computed by {store.claim_holder('cell:' + key)}; "
-                                    "will reuse its result")
-                        announced.add(key)
-                    later.append((key, cell))
-            try:
-                counts["run"] += _submit_and_collect(ray, mine, store, options, cache, worker, resources, owner, slots)
-            finally:
-                for key, _ in mine:
-                    store.release("cell:" + key, owner)  # a no-op for written cells; frees failed ones
-            if later:
-                time.sleep(options.poll_seconds)
-            remaining = later
+        reused = claim_rounds(store, owner, [("cell:" + key, (key, cell)) for key, cell in cells], submit,
+                              poll_seconds=options.poll_seconds, waiting=waiting)
     finally:
         probe.unlink(missing_ok=True)
-    return counts
+    return {"run": computed[0], "skipped": reused}
 
 
-def _task_setup(ray: Any, options: RunOptions, settings: RaySettings,
-                cache: ModelCache) -> tuple[WorkerOptions, dict[str, Any], int]:
-    """(worker options, Ray resources per task, how many tasks run at once on this cluster)."""
+def _task_setup(ray: Any, options: RunOptions, settings: RaySettings) -> tuple[dict[str, Any], int]:
+    """(Ray resources per task, how many tasks run at once on this cluster)."""
     gpus = settings.gpus_per_task
     cluster = ray.cluster_resources()
     if gpus is None:
         gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-    if settings.device.startswith("cuda") and (gpus == 0 or cluster.get("GPU", 0) == 0):
-        raise ConfigError(f"--device {settings.device} needs GPUs, but the tasks ask for {gpus:g} and the cluster has "
+    if options.device.startswith("cuda") and (gpus == 0 or cluster.get("GPU", 0) == 0):
+        raise ConfigError(f"--device {options.device} needs GPUs, but the tasks ask for {gpus:g} and the cluster has "
                           f"{cluster.get('GPU', 0):g}; pass --gpus-per-task 1 on a GPU cluster, or --device auto")
-    worker = WorkerOptions(results_dir=str(options.results_dir), probe="", device=settings.device,
-                           data_root=None if options.data_root is None else str(options.data_root),
-                           download=options.download, batch_size=options.batch_size, max_draws=options.max_draws,
-                           overhead_draws=tuple(options.overhead_draws),
-                           checkpoint_seconds=options.checkpoint_seconds, plugins=tuple(settings.plugins),
-                           threads=max(1, int(settings.cpus_per_task)), ship_models=settings.ship_models,
-                           loader=options.loader, cudnn_benchmark=settings.cudnn_benchmark)
     resources = {"num_cpus": settings.cpus_per_task, "num_gpus": gpus, "max_retries": settings.max_retries}
     slots = max(1, int(cluster.get("CPU", 1) // settings.cpus_per_task))
     if gpus > 0:
         slots = min(slots, max(1, int(cluster.get("GPU", 0) // gpus)))
-    return worker, resources, slots
+    return resources, slots
 
 
 def _write_probe(root: Path) -> Path:
@@ -293,8 +253,8 @@ def _write_probe(root: Path) -> Path:
 
 
 def _submit_and_collect(ray: Any, pending: list[tuple[str, Cell]], store: Store, options: RunOptions,
-                        cache: ModelCache, worker: WorkerOptions, resources: dict[str, Any], owner: ClaimOwner,
-                        slots: int) -> int:
+                        cache: ModelCache, job: WorkerJob, resources: dict[str, Any], owner: ClaimOwner,
+                        slots: int, log: Callable[[str], None]) -> int:
     """Submit one training task per missing model and one task per cell; write cells as they finish."""
     if not pending:
         return 0
@@ -312,16 +272,16 @@ def _submit_and_collect(ray: Any, pending: list[tuple[str, Cell]], store: Store,
             elif plan.path.exists():
                 models[name] = ray.put(plan.path.read_bytes())
             else:
-                models[name] = train_task.remote(worker, cell)
+                models[name] = train_task.remote(job, cell)
                 training[models[name]] = name
-                options.log(f"training task: {cell.defense_label} on {cell.dataset}")
+                log(f"training task: {cell.defense_label} on {cell.dataset}")
         trained_by = models[name] if models[name] in training else None
-        cells_of[cell_task.remote(worker, key, cell, name, models[name])] = (key, cell, trained_by)
-    return _collect(ray, cells_of, training, store, options, cache, owner, slots)
+        cells_of[cell_task.remote(job, key, cell, name, models[name])] = (key, cell, trained_by)
+    return _collect(ray, cells_of, training, store, options, cache, owner, slots, log)
 
 
 def _collect(ray: Any, cells_of: dict[Any, tuple[str, Cell, Any]], training: dict[Any, str], store: Store,
-             options: RunOptions, cache: ModelCache, owner: ClaimOwner, slots: int) -> int:
+             options: RunOptions, cache: ModelCache, owner: ClaimOwner, slots: int, log: Callable[[str], None]) -> int:
     """The driver's loop: `ray.wait`, then one transaction per finished cell; the first error is raised at the end."""
     progress = _Progress(total=len(cells_of), slots=slots, enabled=options.progress)
     waiting = list(cells_of) + list(training)
@@ -338,7 +298,7 @@ def _collect(ray: Any, cells_of: dict[Any, tuple[str, Cell, Any]], training: dic
                     _, records, info = ray.get(ref)
                     store.write_cell(key, cell, records, info, owner)
                     done += 1
-                    options.log(f"[{done}/{len(cells_of)}] {describe(cell)}")
+                    log(f"[{done}/{len(cells_of)}] {describe(cell)}")
                 except Exception as exc:  # a failed task: keep writing the others, report it at the end
                     first_error = first_error or _unwrap(exc)
             unfinished = set(waiting)

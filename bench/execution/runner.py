@@ -19,13 +19,14 @@ from bench.execution.cache import ModelCache
 from bench.core.data import data_root as resolve_data_root
 from bench.core.data import gather, load_split, select_examples
 from bench.core.defense import CertifiedDefense, Defense
+from bench.core.devices import parse_device
 from bench.core.errors import UserError
 from bench.execution.gradient_probe import probe_gradients
 from bench.execution.overhead import DRAWS, measure_prediction
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES, AttackInfo
 from bench.execution.fingerprint import code_fingerprint
 from bench.execution.keys import attack_code, cell_key, model_code, params_digest
-from bench.execution.store import ClaimOwner, Store
+from bench.execution.store import ClaimOwner, Store, claim_rounds
 from bench.core.subbatch import SubBatches, attack_row_bytes
 from bench.execution.trained_models import TrainedModels
 from bench.profile.speed import apply_speed
@@ -40,17 +41,20 @@ class AttackContractError(UserError, RuntimeError):
     """An attack returned something the harness cannot accept (outside the ball or box, NaN, shape)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
-    """How to execute cells: where data and results live, on which device, how verbosely."""
+    """How to execute cells: where data and results live, on which device, how verbosely.
+
+    Plain data, and the one list of run settings: the Ray driver hands it to every worker as it is
+    (bench.execution.ray_executor), so a setting added here reaches both executors.
+    """
 
     results_dir: Path
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: str = "cpu"  # a bench.core.devices name; "auto" with Ray, where each worker resolves it on its own node
     data_root: Path | None = None
     download: bool = False
     batch_size: int = 100
     progress: bool = True
-    log: Callable[[str], None] = print
     max_draws: int | None = None  # --max-draws: also caps the draw counts of the overhead timings
     overhead_draws: tuple[int, ...] = DRAWS  # draw counts timed for the overhead table (profile: run.overhead_draws)
     checkpoint_seconds: float = CHECKPOINT_SECONDS  # training state is saved this often
@@ -148,15 +152,18 @@ class Runner:
     `options.checkpoint_seconds`, so a killed run resumes its training where it stopped.
     """
 
-    def __init__(self, store: Store, options: RunOptions, owner: ClaimOwner | None = None):
+    def __init__(self, store: Store, options: RunOptions, owner: ClaimOwner | None = None,
+                 log: Callable[[str], None] = print):
         self.store = store
         self.options = options
         self.owner = owner or ClaimOwner.this_process()
-        self.cache = ModelCache(options.results_dir / "models", log=options.log)
-        self.models = TrainedModels(self.cache, store, self.owner, device=options.device, data_root=options.data_root,
+        self.device = parse_device(options.device)
+        self.log = log
+        self.cache = ModelCache(options.results_dir / "models", log=log)
+        self.models = TrainedModels(self.cache, store, self.owner, device=self.device, data_root=options.data_root,
                                     download=options.download, progress=options.progress,
                                     checkpoint_seconds=options.checkpoint_seconds,
-                                    poll_seconds=options.poll_seconds, log=options.log, loader=options.loader)
+                                    poll_seconds=options.poll_seconds, log=log, loader=options.loader)
         self._defenses: dict[str, tuple[Defense, dict[str, Any]]] = {}
         self._test_sets: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._certified_subsets: dict[tuple[str, int, int], torch.Tensor] = {}
@@ -200,14 +207,14 @@ class Runner:
     def _prepare(self, cell: Cell, config: dict[str, Any]) -> tuple[Defense, dict[str, Any]]:
         """Build the cell's defense, fill its model (cache or training) and attach it with seeded noise."""
         defense = DEFENSES.get(cell.defense)(DATASETS.get(cell.dataset), **cell.defense_params)
-        device = self.options.device
+        device = self.device
         with torch.random.fork_rng(devices=[]):
             # Seeded initialisation: the same cell gives the same weights whatever ran before in this process.
             torch.manual_seed(cell.seed)
             model = defense.starting_model().to(device)  # built, with the user's weights when given
         if not apply_speed(model, cell.speed):
-            self.options.log(f"{cell.defense_label}: the speed settings {cell.speed} need a registered architecture "
-                             "(an ImageClassifier); this user model runs in exact float32")
+            self.log(f"{cell.defense_label}: the speed settings {cell.speed} need a registered architecture "
+                     "(an ImageClassifier); this user model runs in exact float32")
         plan = self.model_plan(cell)
         info: dict[str, Any] = {"model_file": plan.path.name, "train_steps": plan.steps,
                                 "parameters": bench.core.models.count_parameters(model)}
@@ -229,7 +236,7 @@ class Runner:
         defense, defense_info = self.defense(cell)
         indices, x_all, y_all = self.test_examples(cell)
         certify_rows = self.certified_rows(cell, indices)
-        device = self.options.device
+        device = self.device
         # Every random draw of the cell (attack starts, the defense's noise) is seeded by its configuration,
         # so its records never depend on which cells ran before it, where it runs, or on code edits alone.
         generator = torch.Generator(device=device).manual_seed(cell_seed(cell))
@@ -239,7 +246,7 @@ class Runner:
         # Sub-batches of at most the cell's batch size, fewer rows when the device's memory asks
         # (bench.core.subbatch); both generators are replayed when a sub-batch is retried smaller.
         batches = SubBatches(cell.batch_size or self.options.batch_size, device, (generator, defense.generator),
-                             what=describe(cell), log=self.options.log)
+                             what=describe(cell), log=self.log)
         if attack_info is not None and device.type == "cuda":
             draws = int(cell.attack_params.get("draws", 1)) if attack_info.eot else 1
             batches.fit(attack_row_bytes(defense.attached_model(), x_all[:1].to(device), draws))
@@ -293,7 +300,7 @@ class Runner:
     def _cell_info(self, cell: Cell, defense: Defense, defense_info: dict[str, Any], attack_info: AttackInfo | None,
                    x_all: torch.Tensor, y_all: torch.Tensor, batch: int) -> dict[str, Any]:
         """What the cell stores besides its records: training info, flags, gradient health or overhead timings."""
-        device = self.options.device
+        device = self.device
         info = {"defense": defense_info, "device": str(device), "attack_kwargs": dict(cell.attack_params),
                 "randomized": DEFENSES.info(cell.defense).randomized, "eot": bool(attack_info and attack_info.eot),
                 "minimum_norm": bool(attack_info and attack_info.minimum_norm)}
@@ -357,38 +364,30 @@ class Runner:
                                       "project its output")
 
 
-def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions) -> dict[str, int]:
+def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions,
+            log: Callable[[str], None] = print) -> dict[str, int]:
     """Run every cell not yet in the store (one transaction each); returns counts of computed / reused cells.
 
     Cells are claimed before they are computed: a cell another live process is computing is
     skipped for now and reused once it is stored, so concurrent runs into one folder compute
     every cell once. A dead process's claims are taken over.
     """
-    runner = Runner(store, options)
-    counts = {"run": 0, "skipped": 0, "waited": 0}
-    pending = list(enumerate(cells, 1))
-    announced: set[str] = set()
+    runner = Runner(store, options, log=log)
+    computed = [0]
+
+    def compute(claimed: Iterator[tuple[int, str, Cell]]) -> None:
+        for position, key, cell in claimed:
+            _compute(runner, store, position, len(cells), key, cell)
+            computed[0] += 1
+
+    def waiting(item: tuple[int, str, Cell], holder: str) -> None:
+        log(f"[{item[0]}/{len(cells)}] {describe(item[2])}: being computed by {holder}; will reuse its result")
+
     with heartbeat(store.path, runner.owner):
-        while pending:
-            later = []
-            for position, (key, cell) in pending:
-                state = store.claim("cell:" + key, runner.owner)
-                if state == "done":
-                    counts["waited" if key in announced else "skipped"] += 1
-                elif state == "busy":
-                    if key not in announced:
-                        options.log(f"[{position}/{len(cells)}] {describe(cell)}: being computed by "
-                                    f"{store.claim_holder('cell:' + key)}; will reuse its result")
-                        announced.add(key)
-                    later.append((position, (key, cell)))
-                else:
-                    _compute(runner, store, position, len(cells), key, cell)
-                    counts["run"] += 1
-            if later:
-                time.sleep(options.poll_seconds)
-            pending = later
-    counts["skipped"] += counts.pop("waited")
-    return counts
+        reused = claim_rounds(store, runner.owner, [("cell:" + key, (position, key, cell))
+                                                    for position, (key, cell) in enumerate(cells, 1)],
+                              compute, poll_seconds=options.poll_seconds, waiting=waiting)
+    return {"run": computed[0], "skipped": reused}
 
 
 def cell_code(cell: Cell) -> dict[str, str]:
@@ -412,7 +411,7 @@ def describe(cell: Cell) -> str:
 
 def _compute(runner: Runner, store: Store, position: int, total: int, key: str, cell: Cell) -> None:
     """Compute one claimed cell and store it; the claim is released whatever happens."""
-    runner.options.log(f"[{position}/{total}] {describe(cell)}")
+    runner.log(f"[{position}/{total}] {describe(cell)}")
     try:
         records, info = runner.run_cell(cell, key)
         store.write_cell(key, cell, records, finished_cell(cell, records, info), runner.owner)

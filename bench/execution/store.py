@@ -13,7 +13,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ from bench.execution.checksums import RECORD_COLUMNS, cell_checksum, run_checksu
 from bench.core.errors import UserError
 from bench.core.types import Cell, Record
 
-__all__ = ["ClaimOwner", "DamagedCellError", "STORE_NAME", "Store", "StoreError"]
+__all__ = ["ClaimOwner", "DamagedCellError", "STORE_NAME", "Store", "StoreError", "claim_rounds"]
 
 STORE_NAME = "store.sqlite"  # a results folder's store: every command finds it under this name
 
@@ -631,3 +631,43 @@ class Store:
             conn.execute(f"INSERT INTO runs ({RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?)", tuple(head[:5]))
             conn.executemany("INSERT INTO run_cells VALUES (?, ?, ?, ?)", [(head[0], *row) for row in rows])
             conn.execute("UPDATE runs SET checksum=? WHERE run_id=?", (self._stored_run_checksum(head[0]), head[0]))
+
+
+def claim_rounds(store: Store, owner: ClaimOwner, named: Sequence[tuple[str, T]],
+                 work: Callable[[Iterator[T]], None], *, poll_seconds: float,
+                 waiting: Callable[[T, str], None], done: Callable[[str], bool] | None = None) -> int:
+    """Claim each (claim key, item) for `owner` once no other live process holds it; returns how many were done.
+
+    Round by round `work` gets an iterator over the items claimed for this process, each claimed
+    only when `work` asks for the next: a local run computes one cell before it claims another (so
+    concurrent runs share the grid), while Ray takes a whole round at once. `work` must exhaust it.
+    An item another live process holds is announced once to `waiting` (with that process) and
+    looked at again after `poll_seconds`, until it is done (reused, counted) or free (claimed).
+    `done` says when a key needs no work before it is claimed (default: `Store.claim`'s stored cells).
+    """
+    pending, reused = list(named), [0]
+    announced: set[str] = set()
+    while pending:
+        later: list[tuple[str, T]] = []
+        work(_claim_round(store, owner, pending, later, announced, reused, waiting, done))
+        if later:
+            time.sleep(poll_seconds)
+        pending = later
+    return reused[0]
+
+
+def _claim_round(store: Store, owner: ClaimOwner, pending: list[tuple[str, T]], later: list[tuple[str, T]],
+                 announced: set[str], reused: list[int], waiting: Callable[[T, str], None],
+                 done: Callable[[str], bool] | None) -> Iterator[T]:
+    """One round of `claim_rounds`: yields the items claimed now; adds busy ones to `later`, counts done ones."""
+    for name, item in pending:
+        state = "done" if done is not None and done(name) else store.claim(name, owner)
+        if state == "mine":
+            yield item
+        elif state == "done":
+            reused[0] += 1
+        else:
+            if name not in announced:
+                waiting(item, store.claim_holder(name))
+                announced.add(name)
+            later.append((name, item))

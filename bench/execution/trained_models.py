@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from bench.execution.cache import ModelCache
 from bench.core.data import data_root as resolve_data_root
 from bench.core.data import load_split
 from bench.core.defense import Defense
-from bench.execution.store import ClaimOwner, Store
+from bench.execution.store import ClaimOwner, Store, claim_rounds
 from bench.execution.training import LoaderOptions
 from bench.core.types import Cell
 
@@ -44,24 +44,26 @@ class TrainedModels:
     def obtain(self, cell: Cell, defense: Defense, model: nn.Module, path: Path, steps: int,
                config: dict[str, Any]) -> dict[str, Any]:
         """Load `model` from the cache at `path`, or train it for `steps` steps; returns the training info."""
-        claim = "model:" + path.name
-        announced = False
-        while True:
-            cached = self._cached(model, path)
-            if cached is not None:
-                return cached
-            if self.store.claim(claim, self.owner) == "mine":
-                break
-            if not announced:
-                self.log(f"waiting for {self.store.claim_holder(claim)} to train {cell.defense_label} on "
-                         f"{cell.dataset}; its model will be reused")
-                announced = True
-            time.sleep(self.poll_seconds)
-        try:
-            cached = self._cached(model, path)  # trained while we were claiming it
-            return cached if cached is not None else self._train(cell, defense, model, path, steps, config)
-        finally:
-            self.store.release(claim, self.owner)
+        found: list[dict[str, Any]] = []  # the model's training info, once it is cached or trained
+
+        def cached(_claim: str) -> bool:
+            info = self._cached(model, path)
+            if info is not None:
+                found.append(info)
+            return info is not None
+
+        def train(claimed: Iterator[Cell]) -> None:
+            for _ in claimed:
+                try:  # cached while we were claiming it, else ours to train
+                    info = self._cached(model, path)
+                    found.append(info if info is not None else self._train(cell, defense, model, path, steps, config))
+                finally:
+                    self.store.release("model:" + path.name, self.owner)
+
+        claim_rounds(self.store, self.owner, [("model:" + path.name, cell)], train, poll_seconds=self.poll_seconds,
+                     waiting=lambda _, holder: self.log(f"waiting for {holder} to train {cell.defense_label} on "
+                                                        f"{cell.dataset}; its model will be reused"), done=cached)
+        return found[-1]
 
     def _train(self, cell: Cell, defense: Defense, model: nn.Module, path: Path, steps: int,
                config: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from bench.cli.main import STORE_NAME
+from bench.cli.commands import STORE_NAME
 from bench.execution.store import Store
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from scipy.stats import binomtest
 
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.reporting.report import run_data
 from bench.execution.store import Store
 from bench.reporting.tables import correctness_columns

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli.main import main
+from bench.cli.commands import main
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[2]

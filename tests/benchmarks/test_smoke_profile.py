@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from bench.cli.main import main
+from bench.cli.commands import main
 
 from smoke_timing import seconds_per_family
 
