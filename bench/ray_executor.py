@@ -34,7 +34,7 @@ from bench.config import ConfigError
 from bench.plugins import load_plugins
 from bench.speed import SpeedError, check_device, configure_backends
 from bench.training import LoaderOptions
-from bench.runner import RunOptions, Runner, describe, finished_cell, heartbeat, model_plan
+from bench.runner import RunOptions, Runner, finished_cell, heartbeat, model_plan
 from bench.store import ClaimOwner, Store
 from bench.types import Cell, Record
 
@@ -245,7 +245,7 @@ def _drive(ray: Any, cells: list[tuple[str, Cell]], store: Store, options: RunOp
                     mine.append((key, cell))
                 else:
                     if key not in announced:
-                        options.log(f"{describe(cell)}: being computed by {store.claim_holder('cell:' + key)}; "
+                        options.log(f"{cell.label()}: being computed by {store.claim_holder('cell:' + key)}; "
                                     "will reuse its result")
                         announced.add(key)
                     later.append((key, cell))
@@ -338,7 +338,7 @@ def _collect(ray: Any, cells_of: dict[Any, tuple[str, Cell, Any]], training: dic
                     _, records, info = ray.get(ref)
                     store.write_cell(key, cell, records, info, owner)
                     done += 1
-                    options.log(f"[{done}/{len(cells_of)}] {describe(cell)}")
+                    options.log(f"[{done}/{len(cells_of)}] {cell.label()}")
                 except Exception as exc:  # a failed task: keep writing the others, report it at the end
                     first_error = first_error or _unwrap(exc)
             unfinished = set(waiting)

@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar
 
 from bench.checksums import RECORD_COLUMNS, cell_checksum, run_checksum
 from bench.errors import UserError
-from bench.types import Cell, Record
+from bench.types import Cell, Record, cell_label
 
 __all__ = ["ClaimOwner", "DamagedCellError", "STORE_NAME", "Store", "StoreError"]
 
@@ -76,11 +76,11 @@ def _one_line(text: Any, limit: int = 160) -> str:
 
 
 def describe_config(key: str, config: Any) -> str:
-    """'dataset / defense / attack eps=E (key K)' from a stored config text, or just the key when it is unreadable."""
+    """'dataset/defense/attack@eps (key K)' from a stored config text, or just the key when it is unreadable."""
     try:
         c = json.loads(config)
-        what = f"{c['dataset']} / {c.get('defense_label') or c['defense']} / {c.get('attack_label') or c['attack']}"
-        what += "" if c.get("eps") is None else f" eps={c['eps']:g}"
+        what = cell_label(c["dataset"], c.get("defense_label") or c["defense"], c.get("attack_label") or c["attack"],
+                          c.get("eps"))
     except (ValueError, TypeError, KeyError, AttributeError):
         return f"key {_one_line(key)}"
     return _one_line(f"{what} (key {key})")
