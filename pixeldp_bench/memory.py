@@ -1,4 +1,5 @@
-"""In-memory networks for `run(models=...)`: saved as safetensors, rebuilt by a factory, keyed by code and weights."""
+"""In-memory networks for `run(models=...)`: saved as safetensors, rebuilt by a factory, keyed by code and weights
+hash (never by where the weights were saved: the same network gives the same cells in every results folder)."""
 from __future__ import annotations
 
 import copy
@@ -21,15 +22,17 @@ __all__ = ["MEMORY_PREFIX", "build", "model_code", "name_models", "register_mode
 MEMORY_PREFIX = "memory:"  # factory = "memory:LABEL" names a network of `models=`
 FACTORY = "pixeldp_bench.memory:build"
 
-# Skeletons by code digest, for this process only: a run in another process (Ray) cannot see them.
-_MODULES: dict[str, nn.Module] = {}
+# Networks (with their weights) by code digest and weights hash, for this process only: a run in another
+# process (Ray) cannot see them.
+_MODULES: dict[tuple[str, str], nn.Module] = {}
 
 
-def build(code: str) -> nn.Module:
-    """A copy of the registered network whose code digest is `code` (the weights file then fills it)."""
-    if code not in _MODULES:
-        raise WeightsError(f"no in-memory model with code {code[:12]} in this process; pass it with models=")
-    return copy.deepcopy(_MODULES[code])
+def build(code: str, weights: str) -> nn.Module:
+    """A copy of the registered network whose code digest is `code` and whose saved weights have SHA-256 `weights`."""
+    if (code, weights) not in _MODULES:
+        raise WeightsError(f"no in-memory model with code {code[:12]} and weights {weights[:12]} in this process; "
+                           "pass it with models=")
+    return copy.deepcopy(_MODULES[(code, weights)])
 
 
 def _class_source(cls: type) -> str:
@@ -77,8 +80,8 @@ def name_models(profile: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def register_models(profile: Profile, models: Mapping[str, nn.Module], folder: Callable[[], Path]) -> Profile:
-    """The profile with every `memory:LABEL` factory replaced by a saved copy of `models[LABEL]` (its weights
-    file, in `folder()`, and code digest in the cell's parameters, hence in its key)."""
+    """The profile with every `memory:LABEL` factory replaced by a registered copy of `models[LABEL]`, its weights
+    saved in `folder()`; its code digest and weights hash are the cells' factory_kwargs, hence in their keys."""
     used = {str(c.defense_params.get("factory"))[len(MEMORY_PREFIX):] for c in profile.cells
             if str(c.defense_params.get("factory")).startswith(MEMORY_PREFIX)}
     if not used and not models:
@@ -98,10 +101,11 @@ def register_models(profile: Profile, models: Mapping[str, nn.Module], folder: C
     for label in used:
         module = models[label]
         code = model_code(module)
-        _MODULES[code] = copy.deepcopy(module).to("cpu").eval()
-        weights = save_weights(module, folder())
-        replaced[label] = {"factory": FACTORY, "arch": FACTORY, "factory_kwargs": {"code": code},
-                           "weights": str(weights)}
+        weights = save_weights(module, folder()).stem  # the results folder keeps what was evaluated
+        _MODULES[(code, weights)] = copy.deepcopy(module).to("cpu").eval()
+        # The factory itself fills the network (a `weights` keyword, bench.defense.has_weights): no weights file
+        # path, which names the results folder, enters the cells' keys and seeds.
+        replaced[label] = {"factory": FACTORY, "arch": FACTORY, "factory_kwargs": {"code": code, "weights": weights}}
     cells = []
     for cell in profile.cells:
         factory = str(cell.defense_params.get("factory"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -48,6 +49,20 @@ class TinyLinear(nn.Module):
 
     def forward(self, x):
         return self.fc(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def nets_folder(request, tmp_path_factory):
+    """A folder holding the test module's NETS source as the module NETS_MODULE, on sys.path (and freshly
+    imported) while the test module runs: a user's own network file."""
+    name = request.module.NETS_MODULE
+    folder = tmp_path_factory.mktemp(name)
+    (folder / f"{name}.py").write_text(request.module.NETS)
+    sys.path.insert(0, str(folder))
+    sys.modules.pop(name, None)
+    yield folder
+    sys.path.remove(str(folder))
+    sys.modules.pop(name, None)
 
 
 @pytest.fixture

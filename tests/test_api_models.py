@@ -21,23 +21,18 @@ NETS = textwrap.dedent('''
     def mlp(hidden=16):
         return nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 ''')
+NETS_MODULE = "api_nets"  # NETS as a module on sys.path: the conftest fixture nets_folder
 CERTIFY = {"eps": 0.05, "bound": "crown_ibp", "bisection_steps": 4, "steps": 0}
 ATTACKS = {"pgd_linf": {"eps": [0.05], "params": {"steps": 3, "random_start": False}}}
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory):
-    """The module `api_nets` on sys.path, and a network it builds, with weights of its own."""
-    folder = tmp_path_factory.mktemp("nets")
-    (folder / "api_nets.py").write_text(NETS)
-    sys.path.insert(0, str(folder))
-    sys.modules.pop("api_nets", None)
+def nets(nets_folder):
+    """The folder of the module `api_nets` (on sys.path), and a network it builds, with weights of its own."""
     import api_nets
 
     torch.manual_seed(1)
-    yield folder, api_nets.mlp()
-    sys.path.remove(str(folder))
-    sys.modules.pop("api_nets", None)
+    return nets_folder, api_nets.mlp()
 
 
 def profile(params: dict, certify: bool = True) -> dict:
@@ -88,6 +83,22 @@ def test_a_changed_weight_recomputes_and_a_copy_reuses(nets, tmp_path, capsys):
     assert "2 cell(s) computed, 0 reused" in capsys.readouterr().out
     assert len(list((tmp_path / "models" / "memory").glob("*.safetensors"))) == 2
     assert not first.records["seconds"].equals(changed.records["seconds"])
+
+
+def test_the_same_network_keys_the_same_cells_in_every_results_folder(nets, tmp_path):
+    """Its code and weights hash key its cells and seed their draws, never the folder its weights are saved in."""
+    _, model = nets
+    prof = profile({"model": "net"}, certify=False)
+    prof["attacks"] = {"pgd_linf": {"eps": [0.05], "params": {"steps": 3}}}  # random starts: seeded by the config
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[1].weight[0, 0] += 1.0
+    runs = [run(tmp_path / folder, prof, models={"net": net}) for folder, net in (("a", model), ("b", model),
+                                                                                   ("c", changed))]
+    keys = [[key for key, _ in r.store.run_cells(r.run_id)] for r in runs]
+    assert len(keys[0]) == 2 and keys[0] == keys[1] and not set(keys[0]) & set(keys[2])
+    columns = [c for c in runs[0].records.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(runs[0].records[columns], runs[1].records[columns])
 
 
 @pytest.mark.parametrize("params, models, message", [

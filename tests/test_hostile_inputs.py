@@ -262,7 +262,7 @@ def test_incomplete_runs_are_marked_and_compare_refuses_them(tiny, tmp_path, cap
     assert main(["report", str(results / "tiny-killed")]) == 0
     assert capsys.readouterr().out.startswith("INCOMPLETE RUN: 1 of 4 cell(s)")
     err = one_line_error(capsys, "compare", complete, results / "tiny-killed")
-    assert "new run tiny-killed is incomplete: 1 cell(s) missing (plain x pgd_linf@0.25)" in err
+    assert "new run tiny-killed is incomplete: 1 cell(s) missing (mnist5k/plain/pgd_linf@0.25)" in err
     assert "incomplete" in one_line_error(capsys, "baseline", results / "tiny-killed")
     assert main(["compare", str(complete), str(complete)]) == 0
 

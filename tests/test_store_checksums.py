@@ -55,7 +55,7 @@ def test_a_changed_value_is_a_damaged_cell_never_reused(store_path, damage, caps
     key = first_key(store_path)
     raw(store_path, damage.format(key=key))
     reader = Store(store_path, readonly=True)
-    with pytest.raises(DamagedCellError, match=f"cell mnist5k / .* \\(key {key}\\) .* is damaged"):
+    with pytest.raises(DamagedCellError, match=f"cell mnist5k/.* \\(key {key}\\) .* is damaged"):
         reader.records(key)
     reader.close()
     assert any(key in line for line in check_store(store_path)[0])
@@ -162,7 +162,7 @@ def test_recover_copies_the_intact_cells_and_moves_the_damaged_store_aside(store
     assert (result["saved"], result["lost"], result["runs_saved"], result["runs_lost"]) == (cells - 1, 1, 1, 0)
     assert result["damaged"].read_bytes() == before
     out = capsys.readouterr().out
-    assert "lost cell mnist5k / " in out and key in out and "only the lost cells are computed again" in out
+    assert "lost cell mnist5k/" in out and key in out and "only the lost cells are computed again" in out
     assert check_store(store_path)[0] == []
     store = Store(store_path, readonly=True)
     assert not store.is_done(key) and store.missing_cells("synthetic-run") == [

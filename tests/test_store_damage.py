@@ -320,11 +320,11 @@ def test_flipped_bit_in_a_record_is_detected_recomputed_and_the_table_is_correct
     code, out, err = cli("report", intact.run_id, "--results", results)
     assert code == 2 and err.count("\n") == 1 and f"(key {key})" in err and "damaged" in err, err
     code, out, err = cli("store", "check", results)
-    assert code == 1 and "damaged cell mnist5k / plain / " in out and key in out, out
+    assert code == 1 and "damaged cell mnist5k/plain/" in out and key in out, out
     code, out, err = cli("run", intact.profile, "--results", results, "--quiet")
     assert code == 0, err
     assert f"1 cell(s) computed, {CELLS - 1} reused" in out
-    assert err.startswith("pixeldp-bench: warning: cell mnist5k / plain") and key in err and err.count("\n") == 1
+    assert err.startswith("pixeldp-bench: warning: cell mnist5k/plain/") and key in err and err.count("\n") == 1
     run_dir = Path(out.splitlines()[-1].removeprefix("tables written to "))
     assert (run_dir / TABLE).read_text() == intact.tables[TABLE]
     assert stored_records(results / "store.sqlite") == intact.records

@@ -95,8 +95,8 @@ def test_one_row_that_does_not_fit_names_the_fix_and_restores_the_generator():
         torch.rand(3, generator=generator)
         raise oom(stop - start)
 
-    batches = SubBatches(8, CPU, generators=(generator,), what="mnist / pixeldp / cw_l2_eot")
-    with pytest.raises(SubBatchMemoryError, match=r"mnist / pixeldp / cw_l2_eot: one example does not fit .*draws"):
+    batches = SubBatches(8, CPU, generators=(generator,), what="mnist/pixeldp/cw_l2_eot")
+    with pytest.raises(SubBatchMemoryError, match=r"mnist/pixeldp/cw_l2_eot: one example does not fit .*draws"):
         batches.run(never_fits, 8)
     assert torch.equal(generator.get_state(), before)
 

@@ -202,3 +202,21 @@ def test_terminal_text_wraps_wide_tables_by_column_blocks():
     assert shown == [c for c in wide.columns if c.startswith("attack_")]
     narrow = wide.iloc[:, :5]
     assert to_text(narrow, width=100) == narrow.to_string(index=False) + "\n"
+
+
+def test_column_blocks_are_those_of_rendering_every_trial_block():
+    """to_text measures each column once; its blocks are the greedy ones that rendering each grown block gives."""
+    keys = {"dataset": ["mnist"] * 3, "defense": ["undefended", "pixeldp_L0.1", "madry"], "n": [200, 9, 50]}
+    wide = pd.DataFrame(keys | {f"{'attack' * (i % 3 + 1)}_{i}": [i * 1.5, -i, "97.5 [94.3, 99.2]"[:i + 1]]
+                                for i in range(15)})
+    values = list(wide.columns[3:])
+    for width in (40, 60, 80, 100, 150):
+        blocks: list[list[str]] = []
+        for column in values:
+            trial = (blocks[-1] if blocks else []) + [column]
+            if blocks and max(map(len, wide[list(keys) + trial].to_string(index=False).splitlines())) <= width:
+                blocks[-1].append(column)
+            else:
+                blocks.append([column])
+        expected = "\n".join(wide[list(keys) + block].to_string(index=False) + "\n" for block in blocks)
+        assert to_text(wide, width=width) == expected, width

@@ -1,7 +1,6 @@
 """A user's own network, trained elsewhere, certified through a profile: weights files, key mapping, refusals."""
 import argparse
 import os
-import sys
 import textwrap
 
 import pandas as pd
@@ -19,6 +18,7 @@ from defenses.convex.defense import WongKolter
 
 EXAMPLES = 40
 THRESHOLDS = [0.0, 0.02, 0.05, 0.1]
+NETS_MODULE = "user_nets"  # NETS as a module on sys.path: the conftest fixture nets_folder
 NETS = textwrap.dedent('''
     from torch import nn
 
@@ -41,19 +41,7 @@ CERTIFY = 'eps = 0.1, bound = "crown_ibp", bisection_steps = 6'
 
 
 @pytest.fixture(scope="module")
-def user_nets(tmp_path_factory):
-    """A folder holding the user's module `user_nets` (on sys.path for the test's duration)."""
-    folder = tmp_path_factory.mktemp("user")
-    (folder / "user_nets.py").write_text(NETS)
-    sys.path.insert(0, str(folder))
-    sys.modules.pop("user_nets", None)
-    yield folder
-    sys.path.remove(str(folder))
-    sys.modules.pop("user_nets", None)
-
-
-@pytest.fixture(scope="module")
-def trained(user_nets):
+def trained(nets_folder):
     """(defense, model): the user's net after brief Wong-Kolter training with the project's convex loss."""
     spec = DATASETS.get("mnist5k")
     defense = WongKolter(spec, factory="user_nets:small_conv", norm="linf", eps=0.1, bound="crown_ibp",
@@ -177,7 +165,7 @@ def bad_files(folder, model):
 @pytest.mark.parametrize("case", ["pickle", "list", "partial", "shapes", "empty_dict", "empty", "truncated",
                                   "truncated_safetensors", "nested", "missing", "folder", "raises", "not_module",
                                   "no_weights", "no_training", "unsupported"])
-def test_bad_weights_and_factories_are_one_line_before_anything_is_written(user_nets, trained, tmp_path, capsys,
+def test_bad_weights_and_factories_are_one_line_before_anything_is_written(nets_folder, trained, tmp_path, capsys,
                                                                            case):
     folder = tmp_path / "profiles"
     folder.mkdir()
@@ -207,7 +195,7 @@ def test_weights_entry_picks_the_state_dict_of_a_training_checkpoint(trained, tm
     assert len(cells[0].defense_params["weights_sha256"]) == 64
 
 
-def test_evaluation_needs_only_the_test_split(tmp_path, user_nets, trained):
+def test_evaluation_needs_only_the_test_split(tmp_path, nets_folder, trained):
     """MNIST's test files alone are enough to evaluate a model given as weights; training needs the train files."""
     from dataset_files import write_mnist
 

@@ -131,10 +131,13 @@ class Defense(ABC):
         return model
 
     def has_weights(self) -> bool:
-        """True when the model starts from given weights (a `weights` file, or an arch's pretrained `weights`)."""
+        """True when the model starts from given weights (a `weights` file, or a factory's or an arch's own
+        `weights` keyword, e.g. pretrained ones)."""
         if self.weights is not None:
             return True
-        if self.factory is None and self.arch in MODELS:
+        if self.factory is not None:
+            return self.factory_kwargs.get("weights") not in (None, "", "none")
+        if self.arch in MODELS:
             default = inspect.signature(MODELS.get(self.arch)).parameters.get("weights")
             chosen = self.arch_params.get("weights", None if default is None else default.default)
             return chosen not in (None, "none", inspect.Parameter.empty)

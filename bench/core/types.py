@@ -161,6 +161,11 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def cell_label(dataset: str, defense: str, attack: str, eps: float | None = None) -> str:
+    """'dataset/defense/attack@eps' ('@eps' for a fixed budget only): how logs, checks and reports name a cell."""
+    return f"{dataset}/{defense}/{attack}" + ("" if eps is None else f"@{eps:g}")
+
+
 @dataclass(frozen=True)
 class Cell:
     """One dataset x defense x attack (x eps) unit of work; its key names its results forever.
@@ -198,6 +203,10 @@ class Cell:
             object.__setattr__(self, "defense_label", self.defense)
         if not self.attack_label:
             object.__setattr__(self, "attack_label", self.attack)
+
+    def label(self) -> str:
+        """This cell's name in logs, checks and reports: 'dataset/defense_label/attack_label@eps' (see cell_label)."""
+        return cell_label(self.dataset, self.defense_label, self.attack_label, self.eps)
 
     def threat(self) -> ThreatModel | None:
         """The threat model of a fixed-size attack (eps=inf for minimum-norm attacks)."""

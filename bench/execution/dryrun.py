@@ -63,9 +63,7 @@ def format_plan(plan: list[dict[str, Any]]) -> str:
     lines = []
     for position, entry in enumerate(plan, 1):
         cell = entry["cell"]
-        where = f"{cell.dataset} / {cell.defense_label} / {cell.attack_label}" + (
-            "" if cell.eps is None else f" eps={cell.eps:g}")
-        lines.append(f"[{position}/{len(plan)}] {entry['action']:7s} {where}: {entry['reason']}")
+        lines.append(f"[{position}/{len(plan)}] {entry['action']:7s} {cell.label()}: {entry['reason']}")
     computed = sum(e["action"] == "compute" for e in plan)
     lines.append(f"dry run: {computed} cell(s) would be computed, {len(plan) - computed} reused; nothing was run")
     return "\n".join(lines) + "\n"

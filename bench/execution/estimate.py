@@ -276,10 +276,6 @@ class Estimate:
         return sum(line.flops for line in self.lines)
 
 
-def _cell_label(cell: Cell) -> str:
-    return f"{cell.defense_label} x {cell.attack_label}" + ("" if cell.eps is None else f"@{cell.eps:g}")
-
-
 def estimate_profile(profile: Profile, device_flops: float, rate_note: str,
                      log: Callable[[str], None] = lambda message: None) -> Estimate:
     """Count the FLOPs of every distinct trained model and every cell of `profile` (see the module docstring)."""
@@ -299,7 +295,7 @@ def estimate_profile(profile: Profile, device_flops: float, rate_note: str,
                 models[key] = _defense(cell).build_model().eval()
         model = models[key]
         x, _ = _inputs(cell.dataset, CELL_ROWS, cell.seed)
-        log(f"cell {_cell_label(cell)} on {cell.dataset}")
+        log(f"cell {cell.label()}")
         if cell.attack == "none":
             certified = DEFENSES.info(cell.defense).certified
             certify_rows = cell.examples if cell.certify_examples is None else min(cell.certify_examples, cell.examples)
@@ -318,14 +314,14 @@ def estimate_profile(profile: Profile, device_flops: float, rate_note: str,
                 predicted = cell.examples - (certify_rows if certified else 0)
                 flops += per_example[memo] * predicted
                 parts.append(f"{predicted} predicted")
-            lines.append(CellCost(_cell_label(cell), cell.dataset, "certify" if certified else "predict", flops,
+            lines.append(CellCost(cell.label(), cell.dataset, "certify" if certified else "predict", flops,
                                   ", ".join(parts)))
         else:
             # eps is left out: an attack that never succeeds spends the same at every eps.
             memo = canonical_json([key, cell.attack, cell.norm, cell.attack_params, cell.defense_params])
             if memo not in per_example:
                 per_example[memo] = _attack_flops(cell, model, x)
-            lines.append(CellCost(_cell_label(cell), cell.dataset, "attack", per_example[memo] * cell.examples,
+            lines.append(CellCost(cell.label(), cell.dataset, "attack", per_example[memo] * cell.examples,
                                   f"{cell.examples} examples"))
     return Estimate(lines, device_flops, rate_note, time.perf_counter() - began)
 

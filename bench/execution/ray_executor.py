@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 from bench.core.atomic import write_bytes, write_text
 from bench.execution.cache import ModelCache
 from bench.profile.config import ConfigError
-from bench.core.devices import ray_worker_device
 from bench.profile.plugins import load_plugins
 from bench.profile.speed import SpeedError, check_device, configure_backends
-from bench.execution.runner import RunOptions, Runner, describe, finished_cell, heartbeat, model_plan
+from bench.execution.runner import RunOptions, Runner, finished_cell, heartbeat, model_plan
 from bench.execution.store import ClaimOwner, Store, claim_rounds
 from bench.core.types import Cell, Record
+from bench.core.devices import ray_worker_device
 
 __all__ = ["RaySettings", "check_settings", "execute_ray", "import_ray"]
 
@@ -220,7 +220,7 @@ def _drive(ray: Any, cells: list[tuple[str, Cell]], store: Store, options: RunOp
                 store.release("cell:" + key, owner)  # a no-op for written cells; frees failed ones
 
     def waiting(item: tuple[str, Cell], holder: str) -> None:
-        log(f"{describe(item[1])}: being computed by {holder}; will reuse its result")
+        log(f"{item[1].label()}: being computed by {holder}; will reuse its result")
 
     try:
         reused = claim_rounds(store, owner, [("cell:" + key, (key, cell)) for key, cell in cells], submit,
@@ -298,7 +298,7 @@ def _collect(ray: Any, cells_of: dict[Any, tuple[str, Cell, Any]], training: dic
                     _, records, info = ray.get(ref)
                     store.write_cell(key, cell, records, info, owner)
                     done += 1
-                    log(f"[{done}/{len(cells_of)}] {describe(cell)}")
+                    log(f"[{done}/{len(cells_of)}] {cell.label()}")
                 except Exception as exc:  # a failed task: keep writing the others, report it at the end
                     first_error = first_error or _unwrap(exc)
             unfinished = set(waiting)

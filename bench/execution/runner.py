@@ -33,7 +33,7 @@ from bench.profile.speed import apply_speed
 from bench.execution.training import CHECKPOINT_SECONDS, LoaderOptions
 from bench.core.types import Cell, Record, canonical_json, derive_seed
 
-__all__ = ["RunOptions", "Runner", "cell_code", "ModelPlan", "model_plan", "finished_cell", "describe", "heartbeat",
+__all__ = ["RunOptions", "Runner", "cell_code", "ModelPlan", "model_plan", "finished_cell", "heartbeat",
            "execute", "keyed", "cell_seed", "AttackContractError", "IncompleteCellError"]
 
 
@@ -123,7 +123,7 @@ def model_plan(cache: ModelCache, cell: Cell) -> ModelPlan:
 def finished_cell(cell: Cell, records: list[Record], info: dict[str, Any]) -> dict[str, Any]:
     """Check a computed cell is whole (one record per example) and add its provenance to `info`."""
     if len(records) != cell.examples or len({r.index for r in records}) != len(records):
-        raise IncompleteCellError(f"cell {describe(cell)} produced {len(records)} records for {cell.examples} "
+        raise IncompleteCellError(f"cell {cell.label()} produced {len(records)} records for {cell.examples} "
                                   "examples; it was not stored (nothing else was lost: re-run to retry it)")
     return info | {"provenance": {"params": params_digest(cell), "code": cell_code(cell)}}
 
@@ -246,12 +246,11 @@ class Runner:
         # Sub-batches of at most the cell's batch size, fewer rows when the device's memory asks
         # (bench.core.subbatch); both generators are replayed when a sub-batch is retried smaller.
         batches = SubBatches(cell.batch_size or self.options.batch_size, device, (generator, defense.generator),
-                             what=describe(cell), log=self.log)
+                             what=cell.label(), log=self.log)
         if attack_info is not None and device.type == "cuda":
             draws = int(cell.attack_params.get("draws", 1)) if attack_info.eot else 1
             batches.fit(attack_row_bytes(defense.attached_model(), x_all[:1].to(device), draws))
-        bar = tqdm(total=len(indices), desc=f"{cell.defense_label} x {cell.attack_label}"
-                   + ("" if cell.eps is None else f"@{cell.eps:g}"), disable=not self.options.progress, leave=False)
+        bar = tqdm(total=len(indices), desc=cell.label(), disable=not self.options.progress, leave=False)
 
         def sub_batch(start: int, stop: int) -> list[Record]:
             xb = x_all[start:stop].to(device)
@@ -381,7 +380,7 @@ def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions,
             computed[0] += 1
 
     def waiting(item: tuple[int, str, Cell], holder: str) -> None:
-        log(f"[{item[0]}/{len(cells)}] {describe(item[2])}: being computed by {holder}; will reuse its result")
+        log(f"[{item[0]}/{len(cells)}] {item[2].label()}: being computed by {holder}; will reuse its result")
 
     with heartbeat(store.path, runner.owner):
         reused = claim_rounds(store, runner.owner, [("cell:" + key, (position, key, cell))
@@ -403,15 +402,9 @@ def keyed(cells: list[Cell]) -> list[tuple[str, Cell]]:
     return [(cell_key(cell, cell_code(cell)), cell) for cell in cells]
 
 
-def describe(cell: Cell) -> str:
-    """dataset / defense / attack [eps], for log lines."""
-    return f"{cell.dataset} / {cell.defense_label} / {cell.attack_label}" + (
-        "" if cell.eps is None else f" eps={cell.eps:g}")
-
-
 def _compute(runner: Runner, store: Store, position: int, total: int, key: str, cell: Cell) -> None:
     """Compute one claimed cell and store it; the claim is released whatever happens."""
-    runner.log(f"[{position}/{total}] {describe(cell)}")
+    runner.log(f"[{position}/{total}] {cell.label()}")
     try:
         records, info = runner.run_cell(cell, key)
         store.write_cell(key, cell, records, finished_cell(cell, records, info), runner.owner)

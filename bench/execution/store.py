@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TypeVar
 
 from bench.execution.checksums import RECORD_COLUMNS, cell_checksum, run_checksum
 from bench.core.errors import UserError
-from bench.core.types import Cell, Record
+from bench.core.types import Cell, Record, cell_label
 
 __all__ = ["ClaimOwner", "DamagedCellError", "STORE_NAME", "Store", "StoreError", "claim_rounds"]
 
@@ -76,11 +76,11 @@ def _one_line(text: Any, limit: int = 160) -> str:
 
 
 def describe_config(key: str, config: Any) -> str:
-    """'dataset / defense / attack eps=E (key K)' from a stored config text, or just the key when it is unreadable."""
+    """'dataset/defense/attack@eps (key K)' from a stored config text, or just the key when it is unreadable."""
     try:
         c = json.loads(config)
-        what = f"{c['dataset']} / {c.get('defense_label') or c['defense']} / {c.get('attack_label') or c['attack']}"
-        what += "" if c.get("eps") is None else f" eps={c['eps']:g}"
+        what = cell_label(c["dataset"], c.get("defense_label") or c["defense"], c.get("attack_label") or c["attack"],
+                          c.get("eps"))
     except (ValueError, TypeError, KeyError, AttributeError):
         return f"key {_one_line(key)}"
     return _one_line(f"{what} (key {key})")
@@ -563,50 +563,56 @@ class Store:
                 ids.update((row[0], None) for row in self._salvage(sql)[0] if isinstance(row[0], str))
         return list(found[0]), list(found[1])
 
+    def _salvage_read(self, read: Callable[[bool], tuple[Any, list[tuple]]],
+                      problem_of: Callable[[Any, list[tuple]], str | None]) -> tuple[Any, list[tuple], str | None]:
+        """(head, rows, None) of the first intact `read(scan)`, through the indexes then scanning the tables; else
+        (head, rows) of the last read that found anything and the last problem; (None, [], None) if none found any."""
+        problem: str | None = None
+        found, seen = False, (None, [])  # type: tuple[bool, tuple[Any, list[tuple]]]
+        for scan in (False, True):
+            try:
+                head, rows = read(scan)
+            except StoreError as exc:
+                problem, found = exc.detail, True
+                continue
+            if head is not None or rows:
+                found, seen = True, (head, rows)
+            problem = problem_of(head, rows)
+            if problem is None:
+                return head, rows, None
+        return (*seen, problem if found else None)
+
     def salvage_cell(self, key: str) -> tuple[Any, list[tuple], str | None]:
         """(head, records, problem) of a cell read through its indexes, else by scanning the tables.
 
         problem is None for an intact cell; head is None, records empty and problem None when
         nothing of the cell is found at all (a key only a damaged index still names).
         """
-        problem: str | None = None
-        found, seen = False, (None, [])  # type: tuple[bool, tuple[Any, list[tuple]]]
-        for scan in (False, True):
-            try:
-                head, rows = self._read_cell(key, scan)
-            except StoreError as exc:
-                problem, found = exc.detail, True
-                continue
-            if head is not None or rows:
-                found, seen = True, (head, rows)
-            problem = self._problem(key, head, rows) if head is not None else f"no cell row ({len(rows)} records)"
-            if problem is None:
-                return head, rows, None
-        return (*seen, problem if found else None)
+        return self._salvage_read(lambda scan: self._read_cell(key, scan),
+                                  lambda head, rows: self._problem(key, head, rows) if head is not None
+                                  else f"no cell row ({len(rows)} records)")
 
     def salvage_run(self, run_id: str) -> tuple[Any, list[tuple], str | None]:
-        """(head, run_cells rows, problem) of a run read through its indexes, else by scanning; like salvage_cell."""
-        problem: str | None = None
-        found = False
-        for scan in (False, True):
+        """(head, run_cells rows, problem) of a run read through its indexes, else by scanning; like salvage_cell,
+        but nothing of a damaged run is returned."""
+        head, rows, problem = self._salvage_read(lambda scan: self._read_run(run_id, scan),
+                                                 lambda head, rows: self._salvaged_run_problem(run_id, head, rows))
+        return (head, rows, None) if problem is None else (None, [], problem)
+
+    def _salvaged_run_problem(self, run_id: str, head: Any, rows: list[tuple]) -> str | None:
+        """What is wrong with a run's row and cell list as read (None: nothing)."""
+        if head is None:
+            return "no run row"
+        problem = self._run_problem(head, rows)
+        if problem is None and head[0] != run_id:
+            problem = "its row names another run"
+        if problem is None:
             try:
-                head, rows = self._read_run(run_id, scan)
-            except StoreError as exc:
-                problem, found = exc.detail, True
-                continue
-            found = found or head is not None or bool(rows)
-            problem = self._run_problem(head, rows) if head is not None else "no run row"
-            if problem is None and head[0] != run_id:
-                problem = "its row names another run"
-            if problem is None:
-                try:
-                    json.loads(head[2]), json.loads(head[3])
-                    [_listed_cell(key, config) for _, key, config in rows]
-                except (ValueError, TypeError, KeyError) as exc:
-                    problem = f"undecodable settings or cell list ({_one_line(exc, 60)})"
-            if problem is None:
-                return head, rows, None
-        return (None, [], problem) if found else (None, [], None)
+                json.loads(head[2]), json.loads(head[3])
+                [_listed_cell(key, config) for _, key, config in rows]
+            except (ValueError, TypeError, KeyError) as exc:
+                problem = f"undecodable settings or cell list ({_one_line(exc, 60)})"
+        return problem
 
     def live_claims(self) -> list[str]:
         """'pid N on HOST' of the processes holding live claims (a run writing into this store now)."""

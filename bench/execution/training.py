@@ -218,7 +218,6 @@ def _training_state(model, optimizer, scheduler, defense: Defense, step: int, lo
     schedule = scheduler.state_dict()
     if "milestones" in schedule:
         schedule["milestones"] = dict(schedule["milestones"])  # a Counter is not a plain type
-    schedule.pop("lr_lambdas", None)  # the cyclic factor is rebuilt from the config
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule,
             "step": step, "losses": torch.tensor(losses, dtype=torch.float64), "defense": defense.train_state()}
 
@@ -231,8 +230,6 @@ def _restore(state: dict[str, Any], model, optimizer, scheduler, defense: Defens
     schedule = dict(state["scheduler"])
     if "milestones" in schedule:
         schedule["milestones"] = Counter(schedule["milestones"])
-    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        schedule.setdefault("lr_lambdas", [None] * len(optimizer.param_groups))
     scheduler.load_state_dict(schedule)
     defense.load_train_state(state.get("defense") or {})
     return int(state["step"]), [float(v) for v in state["losses"]]

@@ -8,15 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.reporting.check_ids import (CERTIFIED_ABOVE_ATTACK, GRADIENT_FREE_WINS, GRADIENT_MASKING,
-                                       HUGE_EPS_SURVIVORS, RANDOMIZED_WITHOUT_EOT, RISES_WITH_EPS,
-                                       SATURATED_SOFTMAX, UNBOUNDED_ATTACK_FAILS, UNDEFENDED_NOT_BROKEN,
-                                       CheckWarning, raises)
 from bench.reporting.checks_worst_case import check_weak_worst_case
 from bench.core.defense import certified_norm
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES
 from bench.reporting.tables import correctness_columns
-from bench.core.types import NORMS, Cell, Record
+from bench.core.types import NORMS, Cell, Record, cell_label
+from bench.reporting.check_ids import (CERTIFIED_ABOVE_ATTACK, GRADIENT_FREE_WINS, GRADIENT_MASKING,
+                                       HUGE_EPS_SURVIVORS, RANDOMIZED_WITHOUT_EOT, RISES_WITH_EPS,
+                                       SATURATED_SOFTMAX, UNBOUNDED_ATTACK_FAILS, UNDEFENDED_NOT_BROKEN,
+                                       CheckWarning, raises)
 
 # An undefended model should be (almost) fully broken at these sizes (MNIST-scale budgets).
 LARGE_EPS = {"linf": 0.3, "l2": 3.0}
@@ -69,7 +69,7 @@ def check_monotone(cells: CellRecords, l_attack: dict[str, list[float]]) -> list
         points.sort()
         for (eps_a, ok_a, n_a), (eps_b, ok_b, n_b) in pairwise(points):
             if ok_b - ok_a > max(1.0, 0.01 * n_b):
-                warnings.append(f"{dataset}/{defense}/{attack}: accuracy rises with eps ({norm} {eps_a:g}: "
+                warnings.append(f"{cell_label(dataset, defense, attack)}: accuracy rises with eps ({norm} {eps_a:g}: "
                                 f"{ok_a}/{n_a} -> {eps_b:g}: {ok_b}/{n_b}); the attack is unreliable "
                                 "(too few steps, a bad step size, or gradient masking)")
     return warnings
@@ -104,9 +104,9 @@ def check_unbounded_failures(cells: CellRecords, infos: list[dict | None]) -> li
         correct = [r for r in records if r.clean_pred == r.label]
         failed = sum(1 for r in correct if math.isinf(r.norm))
         if correct and failed > UNBOUNDED_FAILURES * len(correct):
-            warnings.append(f"{cell.dataset}/{cell.defense_label}/{cell.attack_label}: the unbounded attack failed on "
-                            f"{failed}/{len(correct)} correctly classified examples; possible gradient masking or "
-                            "too few iterations / binary-search steps")
+            warnings.append(f"{cell.label()}: the unbounded attack failed on {failed}/{len(correct)} correctly "
+                            "classified examples; possible gradient masking or too few iterations / binary-search "
+                            "steps")
     return warnings
 
 
@@ -139,9 +139,8 @@ def check_randomized_without_eot(cells: CellRecords, infos: list[dict | None]) -
         if not records or cell.attack == "none":
             continue
         if _flag(cell, info, "randomized") and not _flag(cell, info, "eot"):
-            warnings.append(f"{cell.dataset}/{cell.defense_label}/{cell.attack_label}"
-                            + ("" if cell.eps is None else f"@{cell.eps:g}")
-                            + ": a randomized defense attacked without EOT; use an *_eot attack for a fair number")
+            warnings.append(f"{cell.label()}: a randomized defense attacked without EOT; use an *_eot attack for a "
+                            "fair number")
     return warnings
 
 
@@ -161,15 +160,15 @@ def check_certified_vs_attack(cells: CellRecords, l_attack: dict[str, list[float
             continue
         per_example = slot[1]
         indices = [r.index for r in records]
-        for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
+        for _, norm, eps, correct in correctness_columns(cell, records, l_attack):
             if eps <= 0:
                 continue  # at 0 both are clean accuracies, from different noise draws
             cert = np.array([per_example.get(i, (False, 0.0))[0] and per_example.get(i, (False, 0.0))[1] >= eps
                              for i in indices])
             if cert.sum() > correct.sum():
                 broken = int((cert & ~correct).sum())
-                warnings.append(f"{cell.dataset}/{cell.defense_label}/{attack}: certified accuracy at {norm} radius "
-                                f"{eps:g} ({int(cert.sum())}/{len(cert)}) exceeds accuracy under attack "
+                warnings.append(f"{cell.label()}: certified accuracy at {norm} radius {eps:g} "
+                                f"({int(cert.sum())}/{len(cert)}) exceeds accuracy under attack "
                                 f"({int(correct.sum())}/{len(correct)}); {broken} certified example(s) were broken: "
                                 "the certificate or the attack's judging is wrong")
     return warnings
@@ -193,12 +192,11 @@ def check_huge_eps(cells: CellRecords, l_attack: dict[str, list[float]]) -> list
     for cell, records in cells:
         if not records or cell.attack == "none" or cell.eps is None or cell.eps < huge_eps(cell.dataset, cell.norm):
             continue
-        for attack, norm, eps, correct in correctness_columns(cell, records, l_attack):
+        for _, norm, eps, correct in correctness_columns(cell, records, l_attack):
             if correct.mean() > HUGE_EPS_ACCURACY:
-                warnings.append(f"{cell.dataset}/{cell.defense_label}/{attack}@{eps:g}: {int(correct.sum())}/"
-                                f"{len(correct)} stay correct at {norm} eps={eps:g}, a budget that reaches a constant "
-                                "image from every input; the attack is failing (gradient masking, too few steps, "
-                                "or no EOT against noise)")
+                warnings.append(f"{cell.label()}: {int(correct.sum())}/{len(correct)} stay correct at {norm} "
+                                f"eps={eps:g}, a budget that reaches a constant image from every input; the attack is "
+                                "failing (gradient masking, too few steps, or no EOT against noise)")
     return warnings
 
 

@@ -61,8 +61,7 @@ def check_complete(role: str, store: Store, run_id: str) -> None:
     """Refuse to compare a run with cells missing (killed or failed): its tables would lack them."""
     missing = store.missing_cells(run_id)
     if missing:
-        names = "; ".join(f"{c.defense_label} x {c.attack_label}" + ("" if c.eps is None else f"@{c.eps:g}")
-                          for _, c in missing[:5])
+        names = "; ".join(c.label() for _, c in missing[:5])
         raise StoreError(f"{role} run {run_id} is incomplete: {len(missing)} cell(s) missing ({names}"
                          f"{'; ...' if len(missing) > 5 else ''}); finish it by re-running its profile, "
                          "then compare")
@@ -89,8 +88,7 @@ def config_differences(base: Outcomes, new: Outcomes) -> list[str]:
         changed = {k: (a[k], b[k]) for k in a if a[k] != b.get(k)}
         if changed:
             what = ", ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in sorted(changed.items()))
-            notes.append(f"{key[0]} / {key[1]} / {key[2]}" + ("" if key[3] is None else f" eps={key[3]:g}")
-                         + f": {what}")
+            notes.append(f"{base.cells[key].label()}: {what}")
     return sorted(notes)
 
 

@@ -145,7 +145,8 @@ def to_text(table: pd.DataFrame, width: int = TEXT_WIDTH) -> str:
     each block repeats the leading key columns (dataset, defense, n, ...) so every line reads alone.
     """
     full = table.to_string(index=False)
-    if max(map(len, full.splitlines()), default=0) <= width or table.shape[1] == 0:
+    # No rows: pandas lists the column names ("Empty DataFrame"), there are no aligned columns to cut.
+    if max(map(len, full.splitlines()), default=0) <= width or table.empty:
         return full + "\n"
     keys: list[str] = []
     for column in table.columns:
@@ -153,14 +154,24 @@ def to_text(table: pd.DataFrame, width: int = TEXT_WIDTH) -> str:
             break
         keys.append(column)
     values = [c for c in table.columns if c not in keys]
+
+    def line_width(columns: list[str]) -> int:
+        return max(map(len, table[columns].to_string(index=False).splitlines()), default=0)
+
+    # pandas pads each column to its own width and joins them with one space, so a block's width is its
+    # columns' widths plus separators: each column is measured once (re-rendering every growing block was
+    # quadratic). -1: a block without key columns has no separator before its first column.
+    start = line_width(keys) if keys else -1
     blocks: list[list[str]] = []
+    used = 0
     for column in values:
-        trial = (blocks[-1] if blocks else []) + [column]
-        fits = max(map(len, table[keys + trial].to_string(index=False).splitlines())) <= width
-        if blocks and fits:
+        need = 1 + line_width([column])
+        if blocks and used + need <= width:
             blocks[-1].append(column)
+            used += need
         else:
             blocks.append([column])
+            used = start + need
     return "\n".join(table[keys + block].to_string(index=False) + "\n" for block in blocks)
 
 
