@@ -32,7 +32,8 @@ def _noise_layer(model: nn.Module) -> NoiseLayer:
 # Parameters that only change evaluation: models trained under other values are reused.
 @DEFENSES.register("pixeldp", family="PixelDP", randomized=True, certified=True, certifier="pixeldp",
                    eval_params=("draws_certify", "draws_attack", "draws_predict", "eta", "certifier", "statistic",
-                                "bound", "chunk_rows", "chunk_bytes"))
+                                "bound", "chunk_rows", "chunk_bytes"),
+                   libraries=("scipy",))  # scipy.stats computes its certificates (Gaussian tails, Clopper-Pearson)
 class PixelDP(Defense):
     """PixelDP (Lecuyer et al., IEEE S&P 2019): a DP noise layer makes predictions certifiably robust.
 
