@@ -18,8 +18,8 @@ from bench.core.models import Normalize
 
 __all__ = ["NORMALIZATION_PARAMS", "NormalizedInput", "check_normalization"]
 
-# The defense parameters that set it; unset (None) they stay out of a cell's parameters, so the
-# keys and cached models of every defense without them are what they were before they existed.
+# The defense parameters that set it; unset (None) they stay out of a cell's parameters
+# (bench.profile.params), so the parameters of every cell without them are what they were before.
 NORMALIZATION_PARAMS = ("input_mean", "input_std")
 
 

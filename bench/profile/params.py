@@ -41,7 +41,7 @@ def resolve_defense_params(defense: str, dataset: str, params: dict[str, Any]) -
     defaults = defense_defaults(defense)
     instance = cls(DATASETS.get(dataset), **params)
     resolved = defaults | cls.resolve_params(dict(params))
-    # Unset, the input normalization stays out of the key (keys and cached models from before it existed hold).
+    # Unset, the input normalization stays out of the cell's parameters: they are what they were before it existed.
     resolved = {k: v for k, v in resolved.items() if not (k in NORMALIZATION_PARAMS and v is None)}
     resolved |= {"arch": instance.arch, "arch_params": dict(instance.arch_params)}
     resolved |= {f.name: _plain(getattr(instance.train_config, f.name))
