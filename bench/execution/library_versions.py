@@ -62,8 +62,8 @@ def distribution_of(module: str) -> str | None:
 def _code_modules(cell: Cell) -> list[str]:
     """Modules holding the code a cell runs besides the harness: its attack, its defense, a registered
     architecture and a user's `factory` (any of them may come from an installed package)."""
-    modules = [DEFENSES.get(cell.defense).__module__]
-    if cell.attack != "none":
+    modules = [DEFENSES.get(cell.defense).__module__] if cell.defense in DEFENSES else []
+    if cell.attack in ATTACKS:
         modules.append(ATTACKS.get(cell.attack).__module__)
     arch, factory = cell.defense_params.get("arch"), cell.defense_params.get("factory")
     if isinstance(arch, str) and arch in MODELS:
@@ -76,9 +76,14 @@ def _code_modules(cell: Cell) -> list[str]:
 
 def cell_libraries(cell: Cell) -> dict[str, str]:
     """{distribution: version} of the libraries a cell's records depend on: torch, the declared ones of its
-    attack and defense, and the distributions its attack, defense or model code comes from."""
-    names: list[Any] = ["torch", *DEFENSES.info(cell.defense).libraries]
-    if cell.attack != "none":
+    attack and defense, and the distributions its attack, defense or model code comes from.
+
+    A name that is not registered (a stored cell of an unloaded plugin) declares nothing: torch remains.
+    """
+    names: list[Any] = ["torch"]
+    if cell.defense in DEFENSES:
+        names += DEFENSES.info(cell.defense).libraries
+    if cell.attack in ATTACKS:
         names += ATTACKS.info(cell.attack).libraries
     names += [d for d in map(distribution_of, _code_modules(cell)) if d is not None]
     return {name: library_version(name) for name in sorted(set(names))}
