@@ -17,7 +17,11 @@ from torch import nn
 from attacks.template import register_attack
 from bench.core.types import ThreatModel
 
-__all__ = ["KeepMode", "seeded"]
+__all__ = ["ART", "TORCHATTACKS", "KeepMode", "seeded"]
+
+# The distributions each adapter runs (registration facts): their versions are part of the cells' keys.
+TORCHATTACKS = ("torchattacks",)
+ART = ("adversarial-robustness-toolbox",)
 
 
 class KeepMode(nn.Module):
@@ -83,7 +87,7 @@ def _art_run(attack, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 # --- torchattacks -------------------------------------------------------------------------------
 
-@register_attack("pgd_linf@torchattacks", norm="linf")
+@register_attack("pgd_linf@torchattacks", norm="linf", libraries=TORCHATTACKS)
 def pgd_linf_torchattacks(model, x, y, *, threat: ThreatModel, steps: int = 40, step_size: float | None = None,
                           random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """torchattacks.PGD (L-inf, CE loss); step_size defaults to 2.5 eps / steps like ours."""
@@ -95,7 +99,7 @@ def pgd_linf_torchattacks(model, x, y, *, threat: ThreatModel, steps: int = 40, 
         return runner(x, y)
 
 
-@register_attack("pgd_l2@torchattacks", norm="l2")
+@register_attack("pgd_l2@torchattacks", norm="l2", libraries=TORCHATTACKS)
 def pgd_l2_torchattacks(model, x, y, *, threat: ThreatModel, steps: int = 40, step_size: float | None = None,
                         random_start: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
     """torchattacks.PGDL2 (CE loss)."""
@@ -107,7 +111,7 @@ def pgd_l2_torchattacks(model, x, y, *, threat: ThreatModel, steps: int = 40, st
         return runner(x, y)
 
 
-@register_attack("pgd_linf_eot@torchattacks", norm="linf", eot=True)
+@register_attack("pgd_linf_eot@torchattacks", norm="linf", libraries=TORCHATTACKS, eot=True)
 def pgd_linf_eot_torchattacks(model, x, y, *, threat: ThreatModel, steps: int = 40, step_size: float | None = None,
                               draws: int = 20, random_start: bool = True,
                               generator: torch.Generator | None = None) -> torch.Tensor:
@@ -120,7 +124,7 @@ def pgd_linf_eot_torchattacks(model, x, y, *, threat: ThreatModel, steps: int = 
         return runner(x, y)
 
 
-@register_attack("cw_l2@torchattacks", norm="l2", minimum_norm=True)
+@register_attack("cw_l2@torchattacks", norm="l2", libraries=TORCHATTACKS, minimum_norm=True)
 def cw_l2_torchattacks(model, x, y, *, threat: ThreatModel, c: float = 1.0, kappa: float = 0.0, steps: int = 100,
                        lr: float = 1e-2, generator: torch.Generator | None = None) -> torch.Tensor:
     """torchattacks.CW: one fixed c, no binary search; its best adversarial found (else x)."""
@@ -166,10 +170,14 @@ def _square(norm: str):
     return square
 
 
-register_attack("autoattack@torchattacks", _autoattack("linf"), norm="linf", strong=True, ensemble=True)
-register_attack("autoattack_l2@torchattacks", _autoattack("l2"), norm="l2", strong=True, ensemble=True)
-register_attack("square_linf@torchattacks", _square("linf"), norm="linf", idle=("queries",), gradient_free=True)
-register_attack("square_l2@torchattacks", _square("l2"), norm="l2", idle=("queries",), gradient_free=True)
+register_attack("autoattack@torchattacks", _autoattack("linf"), norm="linf", strong=True, ensemble=True,
+                libraries=TORCHATTACKS)
+register_attack("autoattack_l2@torchattacks", _autoattack("l2"), norm="l2", strong=True, ensemble=True,
+                libraries=TORCHATTACKS)
+register_attack("square_linf@torchattacks", _square("linf"), norm="linf", idle=("queries",), gradient_free=True,
+                libraries=TORCHATTACKS)
+register_attack("square_l2@torchattacks", _square("l2"), norm="l2", idle=("queries",), gradient_free=True,
+                libraries=TORCHATTACKS)
 
 
 # --- ART ----------------------------------------------------------------------------------------
@@ -190,11 +198,11 @@ def _pgd_art(norm: str):
     return pgd_art
 
 
-register_attack("pgd_linf@art", _pgd_art("linf"), norm="linf")
-register_attack("pgd_l2@art", _pgd_art("l2"), norm="l2")
+register_attack("pgd_linf@art", _pgd_art("linf"), norm="linf", libraries=ART)
+register_attack("pgd_l2@art", _pgd_art("l2"), norm="l2", libraries=ART)
 
 
-@register_attack("cw_l2@art", norm="l2", minimum_norm=True)
+@register_attack("cw_l2@art", norm="l2", libraries=ART, minimum_norm=True)
 def cw_l2_art(model, x, y, *, threat: ThreatModel, steps: int = 100, binary_steps: int = 9, c: float = 1e-3,
               lr: float = 1e-2, kappa: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
     """ART CarliniL2Method (binary search over c, line search on the step); minimum-norm, else x."""
@@ -207,7 +215,7 @@ def cw_l2_art(model, x, y, *, threat: ThreatModel, steps: int = 100, binary_step
         return _art_run(runner, x, y)
 
 
-@register_attack("cw_linf@art", norm="linf", minimum_norm=True)
+@register_attack("cw_linf@art", norm="linf", libraries=ART, minimum_norm=True)
 def cw_linf_art(model, x, y, *, threat: ThreatModel, steps: int = 10, lr: float = 1e-2, kappa: float = 0.0,
                 decrease_factor: float = 0.9, c: float = 1e-5, largest_c: float = 20.0, c_factor: float = 2.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:

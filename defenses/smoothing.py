@@ -106,7 +106,8 @@ def predict_from_counts(counts: np.ndarray, alpha: float) -> np.ndarray:
 @DEFENSES.register("randomized_smoothing", family="randomized smoothing", randomized=True, certified=True,
                    certified_norm="l2", certifier="cohen",
                    eval_params=("draws_select", "draws_certify", "draws_attack", "draws_predict", "alpha",
-                                "chunk_rows", "chunk_bytes"))
+                                "chunk_rows", "chunk_bytes"),
+                   libraries=("scipy",))  # scipy.stats computes its certificates (binomtest, beta, norm)
 class RandomizedSmoothing(Defense):
     """Randomized smoothing (Cohen et al., ICML 2019): the most likely class of f(x + N(0, sigma^2 I)), certified in L2.
 

@@ -16,8 +16,10 @@ class UserModel(Undefended):
 
     With the default `steps = 0` the model is evaluated as given (weights required); with
     steps > 0 it is trained (or fine-tuned from `weights`) with cross-entropy like the undefended
-    baseline. Every defense takes the same `factory` / `arch` / `weights` parameters (bench.core.weights);
-    use `wong_kolter` or `randomized_smoothing` with them to certify your model.
+    baseline. Every defense takes the same `factory` / `arch` / `weights` parameters (bench.core.weights),
+    and `input_mean` / `input_std` for a network trained on (x - mean) / std: it is fed that while
+    budgets stay in pixels (bench.core.input_normalization). Use `wong_kolter` or `randomized_smoothing`
+    with them to certify your model.
     """
 
     def __init__(self, spec: DatasetSpec, *, factory: str | None = None, arch: str | None = None, steps: int = 0,

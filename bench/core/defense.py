@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from bench.core.data import DatasetSpec
+from bench.core.input_normalization import NormalizedInput, check_normalization
 from bench.core.models import build_model
 from bench.core.registry import DEFENSES, MODELS, DefenseInfo, RegistrationError
 
@@ -61,7 +62,8 @@ class Defense(ABC):
                  factory: str | None = None, factory_kwargs: dict[str, Any] | None = None,
                  weights: str | None = None, weights_keys: dict[str, str] | None = None,
                  weights_prefix: str | None = None, weights_entry: str | None = None,
-                 weights_sha256: str | None = None, **train: Any):
+                 weights_sha256: str | None = None, input_mean: float | list[float] | None = None,
+                 input_std: float | list[float] | None = None, **train: Any):
         self.spec = spec
         if arch and ":" in arch and factory is None:
             factory, arch = arch, None  # arch = "package.module:function" names a factory too
@@ -78,6 +80,8 @@ class Defense(ABC):
         self.weights = None if weights in (None, "") else Path(str(weights)).expanduser()
         self.weights_keys, self.weights_prefix, self.weights_entry = weights_keys, weights_prefix, weights_entry
         self.weights_sha256 = weights_sha256
+        # The network's own input normalization (bench.core.input_normalization): (mean, std) or None.
+        self.input_normalization = check_normalization(input_mean, input_std, spec.shape[0])
         if "milestones" in train:
             train["milestones"] = tuple(train["milestones"])
         self.train_config = TrainConfig(**train)
@@ -108,10 +112,15 @@ class Defense(ABC):
         return params
 
     def build_model(self) -> nn.Module:
-        """A fresh, untrained model for this defense (the user's factory when given, else the registry's arch)."""
+        """A fresh, untrained model for this defense (the user's factory when given, else the registry's arch),
+        behind the `input_mean` / `input_std` normalization when given: it still takes [0,1] pixels."""
         if self.factory is not None:
-            return call_factory(self.factory, self.factory_kwargs)
-        return build_model(self.arch, self.spec.shape, self.spec.classes, **self.arch_params)
+            model = call_factory(self.factory, self.factory_kwargs)
+        else:
+            model = build_model(self.arch, self.spec.shape, self.spec.classes, **self.arch_params)
+        if self.input_normalization is None:
+            return model
+        return NormalizedInput(model, *self.input_normalization)
 
     def weights_target(self, model: nn.Module) -> nn.Module:
         """The part of `model` that the `weights` file fills (all of it; a wrapper may pick its base classifier)."""
@@ -127,7 +136,9 @@ class Defense(ABC):
                 raise WeightsError(f"weights file {path} changed since the profile was resolved; run again")
             state = map_keys(read_checkpoint(path, self.weights_entry), keys=self.weights_keys,
                              prefix=self.weights_prefix)
-            load_state(self.weights_target(model), state, path)
+            target = self.weights_target(model)
+            # The weights are the user's network's: the normalization in front of it holds no weights of theirs.
+            load_state(target.network if isinstance(target, NormalizedInput) else target, state, path)
         return model
 
     def has_weights(self) -> bool:

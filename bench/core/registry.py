@@ -21,6 +21,14 @@ class RegistrationError(UserError, ValueError):
     """A registration with missing, unknown or ill-typed metadata, or an object that breaks its kind's contract."""
 
 
+def _check_libraries(libraries: tuple[str, ...]) -> None:
+    """Library names must be distribution names (what `pip install` takes), not empty or padded."""
+    for name in libraries:
+        if not name or name != name.strip() or " " in name:
+            raise RegistrationError(f"libraries holds {name!r}; give distribution names as pip spells them, "
+                                    "e.g. libraries=(\"torchattacks\",)")
+
+
 @dataclass(frozen=True)
 class AttackInfo:
     """Facts about an attack: its threat norm and how the runner and the checks must treat it.
@@ -36,6 +44,8 @@ class AttackInfo:
             equivalent; Croce & Hein 2020): the weak-worst-case check looks for it in every column.
         ensemble: it runs several losses itself (AutoAttack: APGD-CE, APGD-T, FAB-T, Square), so it
             also stands for the targeted / DLR variant a worst case needs beside CE.
+        libraries: distributions (pip names) whose code it runs, e.g. ("torchattacks",): their
+            installed versions are part of its cells' keys (bench.execution.library_versions).
     """
 
     norm: str
@@ -46,10 +56,12 @@ class AttackInfo:
     preset_of: str | None = None
     strong: bool = False
     ensemble: bool = False
+    libraries: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise RegistrationError(f"norm {self.norm!r} is not one of {', '.join(NORMS)}")
+        _check_libraries(self.libraries)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,8 @@ class DefenseInfo:
         certifier: the name of the certificate it computes by default (shown in the certified tables).
         eval_params: constructor parameters that only change evaluation (e.g. draw counts):
             models trained under other values are reused.
+        libraries: distributions (pip names) whose code it runs at run time, e.g. ("scipy",) for a
+            certificate computed with scipy.stats: their versions are part of its cells' keys.
     """
 
     randomized: bool
@@ -74,8 +88,10 @@ class DefenseInfo:
     certified_norm: str | None = None
     certifier: str | None = None
     eval_params: tuple[str, ...] = ()
+    libraries: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _check_libraries(self.libraries)
         if self.family == "":
             raise RegistrationError("family must be a non-empty name (or None: the registry name)")
         if self.certified_norm is not None and self.certified_norm not in NORMS:

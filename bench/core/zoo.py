@@ -94,7 +94,7 @@ ZOO: dict[str, ZooEntry] = {e.name: e for e in (
 )}
 # Parameters a zoo entry decides: giving them next to weights = "zoo:NAME" would build another network.
 _SET_BY_ZOO = ("arch", "arch_params", "factory", "factory_kwargs", "weights_keys", "weights_prefix", "weights_entry",
-               "weights_sha256")
+               "weights_sha256", "input_mean", "input_std")
 
 
 def is_zoo(weights: Any) -> TypeGuard[str]:

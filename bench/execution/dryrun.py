@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.execution.keys import params_digest, slot
+from bench.execution.library_versions import NOT_INSTALLED, cell_libraries
 from bench.execution.runner import cell_code
 from bench.execution.store import Store
 from bench.core.types import Cell
@@ -24,12 +25,32 @@ def _changed_params(old: Cell, new: Cell) -> list[str]:
     return names
 
 
+def _changed_libraries(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """"name old -> new" for each library whose version differs (or that a cell starts or stops running)."""
+    return [f"{name} {old.get(name, NOT_INSTALLED)} -> {new.get(name, NOT_INSTALLED)}"
+            for name in sorted(set(old) | set(new)) if old.get(name) != new.get(name)]
+
+
+def _code_reason(provenance: dict[str, Any], cell: Cell) -> str:
+    """Why a cell of unchanged parameters gets another key: code, library versions, or (else) the package version."""
+    old_code, new_code = provenance.get("code", {}), cell_code(cell)
+    parts = [part for part in sorted(new_code) if old_code.get(part) != new_code[part]]
+    reasons = ["code changed (" + ", ".join(parts) + ")"] if parts else []
+    if "libraries" not in provenance:  # stored before library versions were part of keys: nothing to compare
+        reasons.append("library versions not recorded (the cell predates them)")
+    else:
+        libraries = _changed_libraries(provenance["libraries"], cell_libraries(cell))
+        reasons += ["library changed (" + ", ".join(libraries) + ")"] if libraries else []
+    return "; ".join(reasons) or "code changed (package version)"
+
+
 def explain(cells: list[tuple[str, Cell]], store: Store | None) -> list[dict[str, Any]]:
     """One entry per cell: {"key", "cell", "action": "reuse" | "compute", "reason"}.
 
     Reasons for computing: "new" (nothing stored for this dataset / defense / attack / eps),
-    "code changed (attack, defense, harness)" or "parameters changed (names)", judged against the
-    most recent stored cell of the same slot, or "stored but damaged (why)" for a cell failing its checksum.
+    "code changed (attack, defense, harness)", "library changed (torchattacks 3.5.1 -> 3.6.0)" or
+    "parameters changed (names)", judged against the most recent stored cell of the same slot, or
+    "stored but damaged (why)" for a cell failing its checksum.
     """
     latest: dict[tuple, tuple[Cell, dict[str, Any]]] = {}
     if store is not None:
@@ -51,9 +72,7 @@ def explain(cells: list[tuple[str, Cell]], store: Store | None) -> list[dict[str
             if params_digest(stored) != params_digest(cell):
                 reason = "parameters changed (" + ", ".join(_changed_params(stored, cell)) + ")"
             else:
-                old_code, new_code = provenance.get("code", {}), cell_code(cell)
-                parts = [part for part in sorted(new_code) if old_code.get(part) != new_code[part]]
-                reason = "code changed (" + ", ".join(parts or ["package version"]) + ")"
+                reason = _code_reason(provenance, cell)
         plan.append({"key": key, "cell": cell, "action": "compute", "reason": reason})
     return plan
 

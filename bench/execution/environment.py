@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from bench import __version__
+from bench.execution.library_versions import installed_versions
 
 __all__ = ["device_name", "environment", "git_commit"]
 
@@ -43,7 +44,8 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Everything needed to tell two runs' settings apart."""
+    """Everything needed to tell two runs' settings apart; `libraries` maps each recorded distribution
+    (bench.execution.library_versions.RECORDED) to its installed version or "not installed"."""
     return {
         "package_version": __version__,
         "git_commit": git_commit(Path(__file__).resolve().parents[2]),
@@ -53,4 +55,5 @@ def environment(device: torch.device) -> dict[str, Any]:
         "device": str(device),
         "device_name": device_name(device),
         "platform": platform.platform(),
+        "libraries": installed_versions(),
     }

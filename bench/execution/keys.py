@@ -2,8 +2,9 @@
 
 A key changes exactly when a stored result could differ: a parameter or a default changes, or
 the attack's code, the defense's code (class, architecture, training loop) or the harness code
-that judges and records changes (bench.execution.fingerprint). `provenance` keeps the parts apart so that
-`run --dry-run` can say why a cell will be recomputed.
+that judges and records changes (bench.execution.fingerprint), or the installed version of a library
+the cell runs (torch always; bench.execution.library_versions). `provenance` keeps the parts apart so
+that `run --dry-run` can say why a cell will be recomputed.
 """
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from typing import Any
 
 from bench import __version__
 from bench.execution.fingerprint import code_fingerprint
+from bench.execution.library_versions import cell_libraries
 from bench.core.registry import ATTACKS, DEFENSES, MODELS
 from bench.execution.training import fit
 from bench.core.types import Cell, canonical_json
 from bench.core.weights import import_factory
 
 __all__ = ["cell_key", "model_code", "slot", "params_digest", "attack_code"]
+
 
 def model_code(defense: str, params: dict[str, Any]) -> str:
     """Fingerprint of what builds and trains a defense's model: the defense class, its architecture
@@ -42,9 +45,11 @@ def params_digest(cell: Cell) -> str:
     return hashlib.sha256(canonical_json(cell.config()).encode()).hexdigest()[:16]
 
 
-def cell_key(cell: Cell, code: dict[str, str]) -> str:
-    """SHA-256 (20 hex digits) of the configuration, the code fingerprints and the package version."""
-    payload = canonical_json({"cell": cell.config(), "code": code, "version": __version__})
+def cell_key(cell: Cell, code: dict[str, str], libraries: dict[str, str] | None = None) -> str:
+    """SHA-256 (20 hex digits) of the configuration, the code fingerprints, the package version and the
+    versions of the libraries the cell runs (`libraries`; default: the installed ones, `cell_libraries`)."""
+    versions = cell_libraries(cell) if libraries is None else libraries
+    payload = canonical_json({"cell": cell.config(), "code": code, "version": __version__, "libraries": versions})
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

@@ -26,6 +26,7 @@ from bench.execution.overhead import DRAWS, measure_prediction
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES, AttackInfo
 from bench.execution.fingerprint import code_fingerprint
 from bench.execution.keys import attack_code, cell_key, model_code, params_digest
+from bench.execution.library_versions import cell_libraries
 from bench.execution.store import ClaimOwner, Store, claim_rounds
 from bench.core.subbatch import SubBatches, attack_row_bytes
 from bench.execution.trained_models import TrainedModels
@@ -125,7 +126,8 @@ def finished_cell(cell: Cell, records: list[Record], info: dict[str, Any]) -> di
     if len(records) != cell.examples or len({r.index for r in records}) != len(records):
         raise IncompleteCellError(f"cell {cell.label()} produced {len(records)} records for {cell.examples} "
                                   "examples; it was not stored (nothing else was lost: re-run to retry it)")
-    return info | {"provenance": {"params": params_digest(cell), "code": cell_code(cell)}}
+    return info | {"provenance": {"params": params_digest(cell), "code": cell_code(cell),
+                                  "libraries": cell_libraries(cell)}}
 
 
 @contextmanager

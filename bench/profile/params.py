@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.core.defense import TrainConfig
+from bench.core.input_normalization import NORMALIZATION_PARAMS
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES
 
 __all__ = ["RUNNER_ARGUMENTS", "resolve_attack_params", "resolve_defense_params", "defense_defaults", "check_types"]
@@ -40,6 +41,8 @@ def resolve_defense_params(defense: str, dataset: str, params: dict[str, Any]) -
     defaults = defense_defaults(defense)
     instance = cls(DATASETS.get(dataset), **params)
     resolved = defaults | cls.resolve_params(dict(params))
+    # Unset, the input normalization stays out of the cell's parameters: they are what they were before it existed.
+    resolved = {k: v for k, v in resolved.items() if not (k in NORMALIZATION_PARAMS and v is None)}
     resolved |= {"arch": instance.arch, "arch_params": dict(instance.arch_params)}
     resolved |= {f.name: _plain(getattr(instance.train_config, f.name))
                  for f in dataclasses.fields(instance.train_config)}

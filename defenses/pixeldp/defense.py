@@ -10,6 +10,7 @@ from torch import nn
 
 from bench.core.data import DatasetSpec
 from bench.core.defense import Defense
+from bench.core.errors import ConfigError
 from bench.core.models import ImageClassifier
 from bench.core.registry import DEFENSES
 from defenses.pixeldp.bounds import BOUNDS, mean_bounds, vote_bounds
@@ -32,7 +33,8 @@ def _noise_layer(model: nn.Module) -> NoiseLayer:
 # Parameters that only change evaluation: models trained under other values are reused.
 @DEFENSES.register("pixeldp", family="PixelDP", randomized=True, certified=True, certifier="pixeldp",
                    eval_params=("draws_certify", "draws_attack", "draws_predict", "eta", "certifier", "statistic",
-                                "bound", "chunk_rows", "chunk_bytes"))
+                                "bound", "chunk_rows", "chunk_bytes"),
+                   libraries=("scipy",))  # scipy.stats computes its certificates (Gaussian tails, Clopper-Pearson)
 class PixelDP(Defense):
     """PixelDP (Lecuyer et al., IEEE S&P 2019): a DP noise layer makes predictions certifiably robust.
 
@@ -86,6 +88,11 @@ class PixelDP(Defense):
                  noise_ramp_start: float = 0.1, parseval_beta: float = 3e-4, parseval_iters: int = 20,
                  orthogonal_init: bool = True, chunk_rows: int = 2048, chunk_bytes: int | None = None, **train: Any):
         super().__init__(spec, **train)
+        if self.input_normalization is not None:
+            # The noise is calibrated to the pre-noise layer's sensitivity, which a wrapper in front would change.
+            raise ConfigError("pixeldp does not take input_mean / input_std; build the normalization into your "
+                              "ImageClassifier's `normalize` layer (bench.core.models.Normalize), which its "
+                              "sensitivity bound accounts for")
         for name, value, allowed in (("mechanism", mechanism, MECHANISMS), ("placement", placement, PLACEMENTS),
                                      ("certifier", certifier, CERTIFIERS), ("statistic", statistic, STATISTICS),
                                      ("bound", bound, BOUNDS)):
