@@ -14,7 +14,7 @@ from typing import Any
 from bench.errors import ConfigError
 from bench.params import RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_attack_params, resolve_defense_params
 from bench.plugins import load_plugins
-from bench.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError
+from bench.registry import ATTACKS, DATASETS, DEFENSES
 from bench.speed import SpeedError, cell_speed, speed_settings
 from bench.types import Cell
 from bench.zoo import expand
@@ -124,12 +124,7 @@ def _resolved_defense_params(name: str, dataset: str, params: dict[str, Any], wh
     problems = check_types(params, defense_defaults(name), f"defense {name!r} in {where}")
     if problems:
         raise ConfigError(problems[0])
-    try:
-        return resolve_defense_params(name, dataset, params)
-    except UnknownNameError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad parameters for defense {name!r} in {where}: {exc}") from exc
+    return resolve_defense_params(name, dataset, params, where)
 
 
 def _numbers(values: list, where: str) -> list[float]:

@@ -28,11 +28,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.config import Profile
-from bench.defense import CertifiedDefense, Defense
+from bench.defense import CertifiedDefense, Defense, cell_defense
 from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
-from bench.types import Cell, canonical_json
+from bench.types import AttackOutputError, Cell, canonical_json
 from bench.training import DrawsNoise
-from attacks.template import AttackOutputError
 from bench.config import ConfigError, load_profile
 
 __all__ = ["SAMPLE_ROWS", "CellCost", "Estimate", "estimate_profile", "format_estimate", "gemm_rate",
@@ -132,7 +131,7 @@ def _defense(cell: Cell, params: dict[str, Any] | None = None) -> Defense:
     given = _without_pretrained(dict(cell.defense_params if params is None else params))
     given.pop("weights", None)
     given.pop("weights_sha256", None)
-    return DEFENSES.get(cell.defense)(DATASETS.get(cell.dataset), **given)
+    return cell_defense(cell, given)
 
 
 def _inputs(dataset: str, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

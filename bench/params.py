@@ -9,8 +9,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from bench.defense import TrainConfig
-from bench.registry import ATTACKS, DATASETS, DEFENSES
+from bench.defense import TrainConfig, build_defense
+from bench.registry import ATTACKS, DEFENSES
 
 __all__ = ["RUNNER_ARGUMENTS", "resolve_attack_params", "resolve_defense_params", "defense_defaults", "check_types"]
 
@@ -30,15 +30,16 @@ def resolve_attack_params(attack: str, params: dict[str, Any]) -> dict[str, Any]
     return _keyword_defaults(ATTACKS.get(attack)) | dict(params)
 
 
-def resolve_defense_params(defense: str, dataset: str, params: dict[str, Any]) -> dict[str, Any]:
+def resolve_defense_params(defense: str, dataset: str, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Every constructor default of the defense (and of its bases and TrainConfig) overridden by `params`.
 
     Architecture and training settings are read back from a constructed instance, because
-    defenses may choose them in code (e.g. the convex defense's own architecture and batch size).
+    defenses may choose them in code (e.g. the convex defense's own architecture and batch size);
+    bad parameters are one ConfigError naming `where` (bench.defense.build_defense).
     """
     cls = DEFENSES.get(defense)
     defaults = defense_defaults(defense)
-    instance = cls(DATASETS.get(dataset), **params)
+    instance = build_defense(defense, dataset, params, where)
     resolved = defaults | cls.resolve_params(dict(params))
     resolved |= {"arch": instance.arch, "arch_params": dict(instance.arch_params)}
     resolved |= {f.name: _plain(getattr(instance.train_config, f.name))

@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 from bench.atomic import write_bytes, write_text
 from bench.cache import ModelCache
 from bench.config import ConfigError
+from bench.defense import defense_memo
 from bench.plugins import load_plugins
 from bench.speed import SpeedError, check_device, configure_backends
 from bench.training import LoaderOptions
-from bench.runner import RunOptions, Runner, describe, finished_cell, heartbeat, model_plan
+from bench.runner import ModelPlan, RunOptions, Runner, describe, finished_cell, heartbeat, model_plan
 from bench.store import ClaimOwner, Store
 from bench.types import Cell, Record
 
@@ -303,8 +304,12 @@ def _submit_and_collect(ray: Any, pending: list[tuple[str, Cell]], store: Store,
     models: dict[str, Any] = {}  # model file name -> ObjectRef of its bytes (None inside: shared folder)
     training: dict[Any, str] = {}  # training task ref -> model file name
     cells_of: dict[Any, tuple[str, Cell, Any]] = {}  # cell task ref -> (key, cell, its training ref or None)
+    plans: dict[str, ModelPlan] = {}  # one defense built per configuration, not per cell
     for key, cell in pending:
-        plan = model_plan(cache, cell)
+        memo = defense_memo(cell)
+        if memo not in plans:
+            plans[memo] = model_plan(cache, cell)
+        plan = plans[memo]
         name = plan.path.name
         if name not in models:
             if plan.steps == 0:

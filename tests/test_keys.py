@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import bench.fingerprint as fingerprint
+from attacks.template import register_attack
 from bench.cli import main
 from bench.config import ConfigError, load_profile, parse_profile
 from bench.fingerprint import code_fingerprint, source_files
@@ -103,7 +104,7 @@ def test_a_changed_default_changes_the_resolved_parameters_and_the_key(monkeypat
         return x
 
     if "scratch_default" not in ATTACKS:
-        ATTACKS.register("scratch_default", attack_v1, norm="linf", minimum_norm=False, eot=False)
+        register_attack("scratch_default", attack_v1, norm="linf")
     text = '[run]\nseed = 0\n[defenses.undefended]\n[attacks.scratch_default]\neps = 0.1\n'
     monkeypatch.setitem(ATTACKS._objects, "scratch_default", attack_v1)
     first = keyed(parse_profile(text, "t").cells)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from attacks.template import register_attack
 from bench.cli import main
 from bench.config import ConfigError, parse_profile
 from bench.runner import keyed
@@ -263,7 +264,7 @@ def _records(runner: Runner, cell, key) -> list[tuple]:
 def test_runner_back_off_gives_the_records_of_the_size_it_settled_on(tmp_path):
     """A randomized defense (PixelDP) under an attack that runs out of memory above 7 rows: 24 -> 12 -> 6 rows,
     and the records equal those of a run given 6 rows (both generators replayed on every retry)."""
-    ATTACKS.register("greedy_pgd_test", _greedy_pgd, norm="linf", minimum_norm=False, eot=False)
+    register_attack("greedy_pgd_test", _greedy_pgd, norm="linf", projected=True)  # pgd_linf projects
     try:
         logs: list[str] = []
         options = RunOptions(results_dir=tmp_path, batch_size=24, progress=False, log=logs.append)
