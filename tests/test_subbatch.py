@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import bench.runner
 from attacks.template import register_attack
 from bench.cli import main
 from bench.config import ConfigError, parse_profile
@@ -294,6 +295,24 @@ def test_a_cells_draws_follow_its_configuration_not_its_key(tmp_path):
     first, _ = _records(runner, cell, key)
     again, _ = _records(runner, cell, "0" * 20)
     assert again == first and len({r[3] for r in first}) > 1
+
+
+def test_the_runner_builds_a_defense_once_per_configuration(tmp_path, monkeypatch):
+    """The clean and the attack cell of one defense share one object: built once (bench.defense.cell_defense),
+    its model plan read from it, not built again."""
+    built: list[str] = []
+    real = bench.runner.cell_defense
+
+    def counted(cell, *rest):
+        built.append(cell.defense)
+        return real(cell, *rest)
+
+    monkeypatch.setattr(bench.runner, "cell_defense", counted)
+    runner = Runner(Store(tmp_path / "store.sqlite"), RunOptions(results_dir=tmp_path, progress=False,
+                                                                 log=lambda message: None))
+    for key, cell in keyed(_profile().cells):
+        runner.run_cell(cell, key)
+    assert built == ["pixeldp"] and runner.model_plan(cell).steps == 80 and built == ["pixeldp"]
 
 
 # ----------------------------------------------------------------- CUDA
