@@ -13,13 +13,14 @@ attack base): the threat model's norm must be the attack's (else one ValueError 
 eps = 0, or a zero iteration count, returns a copy of x without running the algorithm; the output
 is detached and made to honour the contract (a fixed-budget attack's output is projected into the
 eps-ball and the [0, 1] box; a minimum-norm attack's output is x wherever it is larger than eps)
-and checked (shape, ball and box; `AttackOutputError` otherwise).
+and checked (shape, finite, ball and box: `bench.types.checked_attack_output`, which the runner runs too).
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 from collections.abc import Callable
@@ -27,17 +28,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from bench.core.errors import UserError
-from bench.core.registry import ATTACKS, Registry
-from bench.core.types import NORMS, ThreatModel
+from bench.core.registry import ATTACKS, AttackInfo, Registry, RegistrationError
+from bench.core.types import NORMS, AttackOutputError, ThreatModel, checked_attack_output
 
-__all__ = ["AttackOutputError", "Contract", "templated", "register_attack", "within_budget"]
+__all__ = ["AttackOutputError", "Contract", "templated", "register_attack", "within_budget", "check_attack"]
 
 Algorithm = Callable[..., torch.Tensor]
-
-
-class AttackOutputError(UserError, RuntimeError):
-    """A templated attack returned a finite output outside its ball or the [0, 1] box: a bug in the attack."""
 
 
 @dataclass(frozen=True)
@@ -124,26 +120,17 @@ def _check_arguments(name: str, contract: Contract, x: torch.Tensor, y: torch.Te
 
 def _finish(name: str, contract: Contract, x_adv: torch.Tensor, x: torch.Tensor,
             threat: ThreatModel) -> torch.Tensor:
-    """The contract's output: detached, projected (or within budget), and checked."""
-    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
-        shape = getattr(x_adv, "shape", type(x_adv).__name__)
-        raise AttackOutputError(f"{name} returned {shape}, expected a tensor of shape {tuple(x.shape)}")
-    x_adv = x_adv.detach()
+    """The contract's output: detached, projected (or within budget), and checked (bench.types)."""
     if contract.minimum_norm:
-        x_adv = within_budget(x_adv, x, threat)
-    elif not contract.projected:
-        x_adv = threat.project(x_adv, x)
-    # NaN or inf rows are the model's doing (the runner reports them as such); finite rows must comply.
-    finite = torch.isfinite(x_adv.flatten(1)).all(dim=1)
-    outside = finite & ~threat.contains(x_adv, x)
-    if bool(outside.any()):
-        largest = float(threat.norm_of((x_adv - x)[outside]).max())
-        raise AttackOutputError(f"{name} returned {int(outside.sum())} example(s) outside the {threat.norm} ball of "
-                                f"eps={threat.eps} (largest norm {largest:.6g}) or the [0,1] box")
-    return x_adv
+        return checked_attack_output(name, x_adv, x, threat, lambda out: within_budget(out, x, threat))
+    if not contract.projected:
+        return checked_attack_output(name, x_adv, x, threat, lambda out: threat.project(out, x))
+    return checked_attack_output(name, x_adv, x, threat)
 
 
 _UNSET: Any = object()
+# The functions register_attack made: ATTACKS takes no other (weak: a scratch registration may be dropped).
+_TEMPLATED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 def register_attack(name: str, attack: Algorithm | None = None, *, norm: str, minimum_norm: bool = _UNSET,
@@ -175,5 +162,17 @@ def register_attack(name: str, attack: Algorithm | None = None, *, norm: str, mi
                    "projected": False if projected is _UNSET else projected,
                    "idle": None if idle is _UNSET else idle}
     function = templated(attack, norms=(norm,), name=name, **options)
+    _TEMPLATED.add(function)
     registry.register(name, function, norm=norm, minimum_norm=function.contract.minimum_norm, eot=eot, **meta)
     return function
+
+
+def check_attack(name: str, function: Any, info: AttackInfo) -> None:
+    """Registration contract of ATTACKS: the entry came through `register_attack`, so the template wraps it."""
+    if function not in _TEMPLATED:
+        raise RegistrationError(f"attack {name!r} was registered with ATTACKS.register; register it with "
+                                f"attacks.template.register_attack({name!r}, function, norm=...) instead (it adds "
+                                "the norm check, the eps = 0 identity and the projection)")
+
+
+ATTACKS.check = check_attack  # the registry imports nothing it registers: its contract is installed here

@@ -9,7 +9,7 @@ import torch
 
 from attacks.template import AttackOutputError, register_attack, templated
 from attacks.variants import with_eot
-from bench.core.registry import ATTACKS, Registry
+from bench.core.registry import ATTACKS, Registry, RegistrationError
 from bench.core.types import ThreatModel
 
 
@@ -99,8 +99,35 @@ def test_the_decorator_form_and_minimum_norm_budget(tiny_model, batch):
 def test_an_algorithm_that_claims_to_project_is_checked(tiny_model, batch):
     x, y = batch
     liar = templated(make_toy(Calls()), norms="linf", projected=True, name="liar")
-    with pytest.raises(AttackOutputError, match="liar returned 6 example\\(s\\) outside the linf ball"):
+    with pytest.raises(AttackOutputError, match="attack 'liar' returned 6 example\\(s\\) outside the linf ball"):
         liar(tiny_model, x, y, threat=ThreatModel("linf", 0.1), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("options", [{}, {"projected": True}, {"minimum_norm": True}])
+def test_nan_rows_are_an_error_not_a_failed_attack(tiny_model, batch, options):
+    """No projection gives a NaN pixel a meaning: the template refuses it whatever it does to the output."""
+    x, y = batch
+
+    def diverged(model, x, y, *, threat: ThreatModel, generator=None):
+        out = x.clone()
+        out[2, 0, 0, 0] = float("nan")
+        return out
+
+    attack = templated(diverged, norms="linf", name="diverged", **options)
+    with pytest.raises(AttackOutputError, match="attack 'diverged' returned 1 example\\(s\\) with NaN or inf"):
+        attack(tiny_model, x, y, threat=ThreatModel("linf", 0.1))
+
+
+def test_attacks_register_only_through_the_template():
+    """ATTACKS refuses what did not come through register_attack, a templated function included: one line naming
+    the fix."""
+    def bare(model, x, y, *, threat, generator=None):
+        return x
+
+    for function in (bare, templated(bare, norms="linf")):
+        with pytest.raises(RegistrationError, match="register it with attacks.template.register_attack") as error:
+            ATTACKS.register("bare_test", function, norm="linf", minimum_norm=False, eot=False)
+        assert "\n" not in str(error.value) and "bare_test" not in ATTACKS
 
 
 def test_generic_attacks_are_restricted_per_norm_and_keep_their_contract(tiny_model, batch):
@@ -137,12 +164,12 @@ def test_eot_variant_of_a_templated_attack(batch):
         with_eot(probe, "raw_eot")
 
 
-def test_every_builtin_attack_uses_the_template():
-    """Built-in attacks (defined in this repo's attacks package; plugins may register plain functions) are all
-    templated: one norm (their registered one) and their registered output kind."""
+def test_every_registered_attack_uses_the_template():
+    """Every attack, built-in or a plugin's (register_attack is the one way in), is templated: one norm (its
+    registered one) and its registered output kind."""
     builtins = [n for n in ATTACKS.names() if ATTACKS.get(n).__module__.startswith("attacks.")]
     assert len(builtins) >= 27
-    for name in builtins:
+    for name in ATTACKS.names():
         contract = ATTACKS.get(name).contract
         meta = ATTACKS.meta(name)
         assert contract.norms == (meta["norm"],), name

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from bench.cli.commands import build_parser, main
 from bench.execution.store import Store
@@ -158,6 +159,24 @@ def test_an_attack_whose_output_check_fails_is_one_line(tmp_path, capsys):
         assert len(Store(results / "store.sqlite", readonly=True).all_cells()) == 1  # the clean cell is kept
     finally:
         ATTACKS.unregister("overshoot_cli")
+
+
+def test_the_runner_checks_what_an_attack_returns_itself(tmp_path, capsys, monkeypatch):
+    """An attack function the template never wrapped (swapped into the registry) returning NaN: the runner's
+    check (the template's own) stops the run with one line naming it; the clean cell is kept."""
+    from bench.registry import ATTACKS
+
+    def diverged(model, x, y, *, threat, steps: int = 5, generator=None):
+        return torch.full_like(x, float("nan"))
+
+    monkeypatch.setitem(ATTACKS._objects, "pgd_linf", diverged)
+    profile = tmp_path / "nan.toml"
+    profile.write_text(TINY)
+    results = tmp_path / "results"
+    assert run_cli("run", profile, "--results", results, "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert "attack 'pgd_linf' returned 10 example(s) with NaN or inf pixels" in err and len(err.splitlines()) == 1
+    assert len(Store(results / "store.sqlite", readonly=True).all_cells()) == 1
 
 
 def test_list_into_a_closed_pipe_is_quiet():

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 import bench.execution.fingerprint as fingerprint
-from bench.cli.commands import main
+from attacks.template import register_attack
 from bench.profile.config import ConfigError, load_profile, parse_profile
 from bench.execution.fingerprint import code_fingerprint, source_files
 from bench.profile.params import resolve_attack_params
 from bench.execution.runner import keyed
 from bench.core.registry import ATTACKS
+from bench.cli.commands import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +109,7 @@ def test_a_changed_default_changes_the_resolved_parameters_and_the_key(monkeypat
         return x
 
     if "scratch_default" not in ATTACKS:
-        ATTACKS.register("scratch_default", attack_v1, norm="linf", minimum_norm=False, eot=False)
+        register_attack("scratch_default", attack_v1, norm="linf")
     text = '[run]\nseed = 0\n[defenses.undefended]\n[attacks.scratch_default]\neps = 0.1\n'
     monkeypatch.setitem(ATTACKS._objects, "scratch_default", attack_v1)
     first = keyed(parse_profile(text, "t").cells)

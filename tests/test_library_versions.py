@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bench.execution.library_versions as library_versions
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.registry import ATTACKS, DEFENSES, RegistrationError
 from bench.core.types import Cell
 from bench.execution.environment import environment

@@ -94,12 +94,12 @@ def test_run_plugins_route_imports_a_module_named_in_the_profile(tmp_path, monke
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "attacks.py").write_text(
-        "from bench.core.registry import ATTACKS\n"
+        "from attacks.template import register_attack\n"
         "from pixeldp_bench_example_plugin import fast_gradient_sign\n\n"
         "def tiny_fgsm(model, x, y, *, threat, generator=None):\n"
         "    \"\"\"FGSM under another name, registered from a profile's [run] plugins.\"\"\"\n"
         "    return fast_gradient_sign(model, x, y, threat=threat)\n\n"
-        "ATTACKS.register('profile_fgsm', tiny_fgsm, norm='linf', minimum_norm=False, eot=False)\n")
+        "register_attack('profile_fgsm', tiny_fgsm, norm='linf', projected=True)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     path = tmp_path / "plug.toml"
     path.write_text(PROFILE.format(plugins='plugins = ["mine.attacks"]', attack="profile_fgsm"))

@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench.cli.commands import main
+import bench.execution.runner
+from attacks.template import register_attack
 from bench.profile.config import ConfigError, parse_profile
 from bench.execution.runner import keyed
 from bench.core.registry import ATTACKS, DATASETS, UnknownNameError
@@ -14,6 +15,7 @@ from bench.execution.store import Store
 from bench.core.subbatch import (SubBatches, SubBatchMemoryError, attack_row_bytes, fit_rows, halvings,
                                  is_out_of_memory, peak_bytes, rows_within)
 from bench.core.types import ThreatModel
+from bench.cli.commands import main
 from defenses.pixeldp.defense import PixelDP
 from defenses.pixeldp.sampling import CPU_BLOCK_BYTES, block_rows
 from defenses.smoothing import RandomizedSmoothing, class_counts
@@ -263,7 +265,7 @@ def _records(runner: Runner, cell, key) -> list[tuple]:
 def test_runner_back_off_gives_the_records_of_the_size_it_settled_on(tmp_path):
     """A randomized defense (PixelDP) under an attack that runs out of memory above 7 rows: 24 -> 12 -> 6 rows,
     and the records equal those of a run given 6 rows (both generators replayed on every retry)."""
-    ATTACKS.register("greedy_pgd_test", _greedy_pgd, norm="linf", minimum_norm=False, eot=False)
+    register_attack("greedy_pgd_test", _greedy_pgd, norm="linf", projected=True)  # pgd_linf projects
     try:
         logs: list[str] = []
         options = RunOptions(results_dir=tmp_path, batch_size=24, progress=False)
@@ -293,6 +295,24 @@ def test_a_cells_draws_follow_its_configuration_not_its_key(tmp_path):
     first, _ = _records(runner, cell, key)
     again, _ = _records(runner, cell, "0" * 20)
     assert again == first and len({r[3] for r in first}) > 1
+
+
+def test_the_runner_builds_a_defense_once_per_configuration(tmp_path, monkeypatch):
+    """The clean and the attack cell of one defense share one object: built once (bench.defense.cell_defense),
+    its model plan read from it, not built again."""
+    built: list[str] = []
+    real = bench.runner.cell_defense
+
+    def counted(cell, *rest):
+        built.append(cell.defense)
+        return real(cell, *rest)
+
+    monkeypatch.setattr(bench.runner, "cell_defense", counted)
+    runner = Runner(Store(tmp_path / "store.sqlite"), RunOptions(results_dir=tmp_path, progress=False,
+                                                                 log=lambda message: None))
+    for key, cell in keyed(_profile().cells):
+        runner.run_cell(cell, key)
+    assert built == ["pixeldp"] and runner.model_plan(cell).steps == 80 and built == ["pixeldp"]
 
 
 # ----------------------------------------------------------------- CUDA

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from attacks.pgd import pgd_linf
-from bench.cli.main import main
+from bench.cli.commands import main
 from bench.core.data import gather, load_split, select_examples
 from bench.core.errors import ConfigError
 from bench.core.input_normalization import NormalizedInput

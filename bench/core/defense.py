@@ -11,12 +11,15 @@ import torch
 from torch import nn
 
 from bench.core.data import DatasetSpec
+from bench.core.errors import ConfigError
 from bench.core.input_normalization import NormalizedInput, check_normalization
 from bench.core.models import build_model
-from bench.core.registry import DEFENSES, MODELS, DefenseInfo, RegistrationError
-
-__all__ = ["TrainConfig", "Defense", "CertifiedDefense", "check_defense_class", "certified_norm"]
+from bench.core.registry import DATASETS, DEFENSES, MODELS, DefenseInfo, RegistrationError
+from bench.core.types import Cell
 from bench.core.weights import WeightsError, call_factory, file_sha256, load_state, map_keys, read_checkpoint
+
+__all__ = ["TrainConfig", "Defense", "CertifiedDefense", "check_defense_class", "certified_norm", "build_defense",
+           "cell_defense", "defense_memo"]
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,33 @@ def check_defense_class(name: str, cls: Any, info: DefenseInfo) -> None:
 
 
 DEFENSES.check = check_defense_class  # the registry imports nothing it registers: its contract is installed here
+
+
+def build_defense(defense: str, dataset: str, params: dict[str, Any], where: str) -> Defense:
+    """The registered `defense` constructed for `dataset` with `params`: no model built, nothing trained.
+
+    The one place a defense object is made (profile resolution, preflight, model plans, the runner),
+    so a bad parameter reads the same line wherever it is found: a constructor's TypeError or
+    ValueError becomes one ConfigError naming the defense and `where`.
+    """
+    cls, spec = DEFENSES.get(defense), DATASETS.get(dataset)
+    try:
+        return cls(spec, **params)
+    except WeightsError as exc:  # a ConfigError already: only say where
+        raise WeightsError(f"{where}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad parameters for defense {defense!r} in {where}: {exc}") from exc
+
+
+def cell_defense(cell: Cell, params: dict[str, Any] | None = None) -> Defense:
+    """`build_defense` for a cell (with `params` instead of its own when given); errors name its profile entry."""
+    return build_defense(cell.defense, cell.dataset, cell.defense_params if params is None else params,
+                         f"[defenses.{cell.defense_label}] on {cell.dataset}")
+
+
+def defense_memo(cell: Cell) -> str:
+    """What a run builds, trains and plans a cell's defense once per: its configuration (Cell.defense_config)."""
+    return repr(sorted(cell.defense_config().items()))
 
 
 def certified_norm(defense: str, params: dict[str, Any]) -> str:

@@ -242,5 +242,5 @@ class UnknownNameError(UserError, KeyError):
 
 DATASETS = Registry("dataset")
 DEFENSES = Registry("defense", DefenseInfo)  # bench.core.defense installs its contract check
-ATTACKS = Registry("attack", AttackInfo)
+ATTACKS = Registry("attack", AttackInfo)  # attacks.template installs its contract check (register_attack only)
 MODELS = Registry("model", ModelInfo)

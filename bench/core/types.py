@@ -1,13 +1,17 @@
-"""Core value types: ThreatModel, Cell (one unit of work) and Record (one example's outcome)."""
+"""Core value types: ThreatModel (and the check of an attack's output against it), Cell (one unit of work) and
+Record (one example's outcome)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
+
+from bench.core.errors import UserError
 
 Norm = Literal["l1", "l2", "linf"]
 NORMS: tuple[Norm, ...] = ("l1", "l2", "linf")  # the one list of norms: attacks, certificates, tables
@@ -149,6 +153,40 @@ def add_towards_centre(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     rounded = (centre + delta.double()).to(x.dtype)
     away = (rounded.double() - centre).abs() > delta.double().abs()
     return torch.where(away, torch.nextafter(rounded, x), rounded)
+
+
+class AttackOutputError(UserError, RuntimeError):
+    """An attack returned something the harness cannot judge (another shape, NaN or inf, outside its ball or box)."""
+
+
+def checked_attack_output(name: str, x_adv: Any, x: torch.Tensor, threat: ThreatModel,
+                          finish: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """x_adv detached (then `finish`ed, e.g. the attack template's projection) once it is a point of `threat`
+    around x: a tensor of x's shape (N, C, H, W), finite, in the eps-ball and the [0, 1] box.
+
+    The one check of an attack's output: the attack template (attacks.template) runs it on what its
+    algorithm returns and the runner on what every attack returns. Otherwise AttackOutputError, one line.
+    """
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        shape = getattr(x_adv, "shape", type(x_adv).__name__)
+        raise AttackOutputError(f"attack {name!r} returned {shape}, expected a tensor of shape {tuple(x.shape)}")
+    x_adv = x_adv.detach()
+    if finish is not None:
+        x_adv = finish(x_adv)
+    # A NaN or inf row is an error, never a failed attack: no projection can give it a meaning (a NaN
+    # pixel is in no ball), and counting it as "attack failed" would report robustness that is only a
+    # diverged step or a model whose logits are NaN. The run stops at the cell, keeping the cells before it.
+    finite = torch.isfinite(x_adv.flatten(1)).all(dim=1)
+    if not bool(finite.all()):
+        raise AttackOutputError(f"attack {name!r} returned {int((~finite).sum())} example(s) with NaN or inf "
+                                "pixels; check its step size and loss (and that the model's logits are finite)")
+    inside = threat.contains(x_adv, x)
+    if not bool(inside.all()):
+        largest = float(threat.norm_of((x_adv - x)[~inside]).max())
+        raise AttackOutputError(f"attack {name!r} returned {int((~inside).sum())} example(s) outside the "
+                                f"{threat.norm} ball of eps={threat.eps} (largest norm {largest:.6g}) or the [0,1] "
+                                "box; it must project its output")
+    return x_adv
 
 
 def derive_seed(*parts: Any) -> int:

@@ -28,13 +28,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.profile.config import Profile
-from bench.core.defense import CertifiedDefense, Defense
-from bench.core.devices import parse_device
+from bench.core.defense import CertifiedDefense, Defense, cell_defense
 from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
-from bench.core.types import Cell, canonical_json
+from bench.core.types import AttackOutputError, Cell, canonical_json
 from bench.execution.training import DrawsNoise
-from attacks.template import AttackOutputError
 from bench.profile.config import ConfigError, load_profile
+from bench.core.devices import parse_device
 
 __all__ = ["SAMPLE_ROWS", "CellCost", "Estimate", "estimate_profile", "format_estimate", "gemm_rate",
            "model_key", "training_step_flops", "counted"]
@@ -133,7 +132,7 @@ def _defense(cell: Cell, params: dict[str, Any] | None = None) -> Defense:
     given = _without_pretrained(dict(cell.defense_params if params is None else params))
     given.pop("weights", None)
     given.pop("weights_sha256", None)
-    return DEFENSES.get(cell.defense)(DATASETS.get(cell.dataset), **given)
+    return cell_defense(cell, given)
 
 
 def _inputs(dataset: str, rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

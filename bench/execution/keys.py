@@ -36,8 +36,8 @@ def model_code(defense: str, params: dict[str, Any]) -> str:
 
 
 def attack_code(cell: Cell) -> str:
-    """Fingerprint of the cell's attack ("" for a clean cell)."""
-    return code_fingerprint(ATTACKS.get(cell.attack)) if cell.attack != "none" else ""
+    """Fingerprint of an attack cell's attack (bench.runner.cell_code leaves it out of a clean cell's code)."""
+    return code_fingerprint(ATTACKS.get(cell.attack))
 
 
 def params_digest(cell: Cell) -> str:

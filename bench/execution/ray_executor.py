@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from bench.core.atomic import write_bytes, write_text
 from bench.execution.cache import ModelCache
 from bench.profile.config import ConfigError
+from bench.core.defense import defense_memo
 from bench.profile.plugins import load_plugins
 from bench.profile.speed import SpeedError, check_device, configure_backends
-from bench.execution.runner import RunOptions, Runner, finished_cell, heartbeat, model_plan
+from bench.execution.runner import ModelPlan, RunOptions, Runner, finished_cell, heartbeat, model_plan
 from bench.execution.store import ClaimOwner, Store, claim_rounds
 from bench.core.types import Cell, Record
 from bench.core.devices import ray_worker_device
@@ -263,8 +264,12 @@ def _submit_and_collect(ray: Any, pending: list[tuple[str, Cell]], store: Store,
     models: dict[str, Any] = {}  # model file name -> ObjectRef of its bytes (None inside: shared folder)
     training: dict[Any, str] = {}  # training task ref -> model file name
     cells_of: dict[Any, tuple[str, Cell, Any]] = {}  # cell task ref -> (key, cell, its training ref or None)
+    plans: dict[str, ModelPlan] = {}  # one defense built per configuration, not per cell
     for key, cell in pending:
-        plan = model_plan(cache, cell)
+        memo = defense_memo(cell)
+        if memo not in plans:
+            plans[memo] = model_plan(cache, cell)
+        plan = plans[memo]
         name = plan.path.name
         if name not in models:
             if plan.steps == 0:

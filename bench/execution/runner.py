@@ -18,12 +18,12 @@ import bench.core.models
 from bench.execution.cache import ModelCache
 from bench.core.data import data_root as resolve_data_root
 from bench.core.data import gather, load_split, select_examples
-from bench.core.defense import CertifiedDefense, Defense
+from bench.core.defense import CertifiedDefense, Defense, cell_defense, defense_memo
 from bench.core.devices import parse_device
 from bench.core.errors import UserError
 from bench.execution.gradient_probe import probe_gradients
 from bench.execution.overhead import DRAWS, measure_prediction
-from bench.core.registry import ATTACKS, DATASETS, DEFENSES, AttackInfo
+from bench.core.registry import ATTACKS, DEFENSES, AttackInfo
 from bench.execution.fingerprint import code_fingerprint
 from bench.execution.keys import attack_code, cell_key, model_code, params_digest
 from bench.execution.library_versions import cell_libraries
@@ -32,14 +32,10 @@ from bench.core.subbatch import SubBatches, attack_row_bytes
 from bench.execution.trained_models import TrainedModels
 from bench.profile.speed import apply_speed
 from bench.execution.training import CHECKPOINT_SECONDS, LoaderOptions
-from bench.core.types import Cell, Record, canonical_json, derive_seed
+from bench.core.types import Cell, Record, canonical_json, checked_attack_output, derive_seed
 
 __all__ = ["RunOptions", "Runner", "cell_code", "ModelPlan", "model_plan", "finished_cell", "heartbeat",
-           "execute", "keyed", "cell_seed", "AttackContractError", "IncompleteCellError"]
-
-
-class AttackContractError(UserError, RuntimeError):
-    """An attack returned something the harness cannot accept (outside the ball or box, NaN, shape)."""
+           "execute", "keyed", "cell_seed", "IncompleteCellError"]
 
 
 @dataclass(frozen=True)
@@ -108,9 +104,11 @@ class ModelPlan:
     config: dict[str, Any]
 
 
-def model_plan(cache: ModelCache, cell: Cell) -> ModelPlan:
-    """The cell's ModelPlan; cells sharing a `path` share one trained model."""
-    defense = DEFENSES.get(cell.defense)(DATASETS.get(cell.dataset), **cell.defense_params)
+def model_plan(cache: ModelCache, cell: Cell, defense: Defense | None = None) -> ModelPlan:
+    """The cell's ModelPlan; cells sharing a `path` share one trained model. `defense`: the cell's defense
+    when already built (its training settings are read), else it is built here."""
+    if defense is None:
+        defense = cell_defense(cell)
     # Parameters a defense declares evaluation-only (e.g. draw counts) do not change the weights.
     eval_only = set(DEFENSES.info(cell.defense).eval_params)
     trained = dict(cell.defense_config(),
@@ -167,6 +165,7 @@ class Runner:
                                     checkpoint_seconds=options.checkpoint_seconds,
                                     poll_seconds=options.poll_seconds, log=log, loader=options.loader)
         self._defenses: dict[str, tuple[Defense, dict[str, Any]]] = {}
+        self._plans: dict[str, ModelPlan] = {}  # per defense configuration, like _defenses
         self._test_sets: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._certified_subsets: dict[tuple[str, int, int], torch.Tensor] = {}
 
@@ -196,19 +195,25 @@ class Runner:
 
     def defense(self, cell: Cell) -> tuple[Defense, dict[str, Any]]:
         """The trained defense of a cell (trained once, cached as safetensors) and its training info."""
-        config = cell.defense_config()
-        memo = repr(sorted(config.items()))
+        memo = defense_memo(cell)
         if memo not in self._defenses:
-            self._defenses[memo] = self._prepare(cell, config)
+            self._defenses[memo] = self._prepare(cell)
         return self._defenses[memo]
 
-    def model_plan(self, cell: Cell) -> ModelPlan:
-        """Where the cell's trained model is cached and how many steps train it (nothing is built or trained)."""
-        return model_plan(self.cache, cell)
+    def model_plan(self, cell: Cell, defense: Defense | None = None) -> ModelPlan:
+        """Where the cell's trained model is cached and how many steps train it (nothing is trained), once per
+        defense configuration; `defense`: the cell's defense when already built."""
+        memo = defense_memo(cell)
+        if memo not in self._plans:
+            self._plans[memo] = model_plan(self.cache, cell, defense)
+        return self._plans[memo]
 
-    def _prepare(self, cell: Cell, config: dict[str, Any]) -> tuple[Defense, dict[str, Any]]:
+    def _prepare(self, cell: Cell) -> tuple[Defense, dict[str, Any]]:
         """Build the cell's defense, fill its model (cache or training) and attach it with seeded noise."""
-        defense = DEFENSES.get(cell.defense)(DATASETS.get(cell.dataset), **cell.defense_params)
+        # Built once here and its plan read from it. Preflight's object is not taken over: the user's factory
+        # and check_model ran on it (training it could depend on what they left there), and cells may run in
+        # other processes (Ray workers) than the one that checked them.
+        defense = cell_defense(cell)
         device = self.device
         with torch.random.fork_rng(devices=[]):
             # Seeded initialisation: the same cell gives the same weights whatever ran before in this process.
@@ -217,7 +222,7 @@ class Runner:
         if not apply_speed(model, cell.speed):
             self.log(f"{cell.defense_label}: the speed settings {cell.speed} need a registered architecture "
                      "(an ImageClassifier); this user model runs in exact float32")
-        plan = self.model_plan(cell)
+        plan = self.model_plan(cell, defense)
         info: dict[str, Any] = {"model_file": plan.path.name, "train_steps": plan.steps,
                                 "parameters": bench.core.models.count_parameters(model)}
         if plan.steps == 0:
@@ -230,7 +235,7 @@ class Runner:
 
     def forget_defenses(self, keep: Cell | None = None) -> None:
         """Drop the prepared defenses (and their device memory) except `keep`'s: a long-lived worker holds one."""
-        memo = None if keep is None else repr(sorted(keep.defense_config().items()))
+        memo = None if keep is None else defense_memo(keep)
         self._defenses = {k: v for k, v in self._defenses.items() if k == memo}
 
     def run_cell(self, cell: Cell, key: str) -> tuple[list[Record], dict[str, Any]]:
@@ -288,7 +293,8 @@ class Runner:
         pred = defense.predict(x)
         x_adv = ATTACKS.get(cell.attack)(defense.model, x, y, threat=threat, generator=generator,
                                          **dict(cell.attack_params))
-        self._check_output(cell, x_adv, x, threat)
+        # The harness, not only the attack's template, checks what it judges (bench.types).
+        x_adv = checked_attack_output(cell.attack_label, x_adv, x, threat)
         adv_pred, radius = defense.judge(x_adv)
         norms = threat.norm_of((x_adv - x).detach()).cpu()
         if minimum_norm:
@@ -346,23 +352,6 @@ class Runner:
             pred[chosen] = certified_pred.to(pred.device)
             seconds[chosen.cpu()] = (time.perf_counter() - began) / int(chosen.sum())
         return pred, radius, seconds
-
-    @staticmethod
-    def _check_output(cell: Cell, x_adv: Any, x: torch.Tensor, threat) -> None:
-        """The runner, not the attack, checks that x_adv is a finite tensor in the ball and the box."""
-        name = cell.attack_label
-        if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
-            shape = getattr(x_adv, "shape", type(x_adv).__name__)
-            raise AttackContractError(f"attack {name!r} returned {shape}, expected a tensor of shape {tuple(x.shape)}")
-        if not torch.isfinite(x_adv).all():
-            raise AttackContractError(f"attack {name!r} returned NaN or inf pixels; check its step size and loss")
-        inside = threat.contains(x_adv.detach(), x)
-        if not bool(inside.all()):
-            bad = int((~inside).sum())
-            largest = float(threat.norm_of((x_adv.detach() - x)[~inside]).max())
-            raise AttackContractError(f"attack {name!r} returned {bad} example(s) outside the {threat.norm} ball of "
-                                      f"eps={threat.eps} (largest norm {largest:.6g}) or the [0,1] box; it must "
-                                      "project its output")
 
 
 def execute(cells: list[tuple[str, Cell]], store: Store, options: RunOptions,

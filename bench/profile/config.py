@@ -15,7 +15,7 @@ from bench.core.errors import ConfigError
 from bench.profile.params import (RUNNER_ARGUMENTS, check_types, defense_defaults, resolve_attack_params,
                                   resolve_defense_params)
 from bench.profile.plugins import load_plugins
-from bench.core.registry import ATTACKS, DATASETS, DEFENSES, UnknownNameError
+from bench.core.registry import ATTACKS, DATASETS, DEFENSES
 from bench.profile.speed import SpeedError, cell_speed, speed_settings
 from bench.core.types import Cell
 from bench.core.zoo import expand
@@ -125,12 +125,7 @@ def _resolved_defense_params(name: str, dataset: str, params: dict[str, Any], wh
     problems = check_types(params, defense_defaults(name), f"defense {name!r} in {where}")
     if problems:
         raise ConfigError(problems[0])
-    try:
-        return resolve_defense_params(name, dataset, params)
-    except UnknownNameError:
-        raise
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad parameters for defense {name!r} in {where}: {exc}") from exc
+    return resolve_defense_params(name, dataset, params, where)
 
 
 def _numbers(values: list, where: str) -> list[float]:

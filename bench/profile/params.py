@@ -9,9 +9,9 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from bench.core.defense import TrainConfig
+from bench.core.defense import TrainConfig, build_defense
+from bench.core.registry import ATTACKS, DEFENSES
 from bench.core.input_normalization import NORMALIZATION_PARAMS
-from bench.core.registry import ATTACKS, DATASETS, DEFENSES
 
 __all__ = ["RUNNER_ARGUMENTS", "resolve_attack_params", "resolve_defense_params", "defense_defaults", "check_types"]
 
@@ -31,15 +31,16 @@ def resolve_attack_params(attack: str, params: dict[str, Any]) -> dict[str, Any]
     return _keyword_defaults(ATTACKS.get(attack)) | dict(params)
 
 
-def resolve_defense_params(defense: str, dataset: str, params: dict[str, Any]) -> dict[str, Any]:
+def resolve_defense_params(defense: str, dataset: str, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Every constructor default of the defense (and of its bases and TrainConfig) overridden by `params`.
 
     Architecture and training settings are read back from a constructed instance, because
-    defenses may choose them in code (e.g. the convex defense's own architecture and batch size).
+    defenses may choose them in code (e.g. the convex defense's own architecture and batch size);
+    bad parameters are one ConfigError naming `where` (bench.defense.build_defense).
     """
     cls = DEFENSES.get(defense)
     defaults = defense_defaults(defense)
-    instance = cls(DATASETS.get(dataset), **params)
+    instance = build_defense(defense, dataset, params, where)
     resolved = defaults | cls.resolve_params(dict(params))
     # Unset, the input normalization stays out of the cell's parameters: they are what they were before it existed.
     resolved = {k: v for k, v in resolved.items() if not (k in NORMALIZATION_PARAMS and v is None)}

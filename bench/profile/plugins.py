@@ -1,6 +1,7 @@
 """Plugins: a user's package adds attacks, defenses, datasets or architectures by registering them when imported.
 
-Two routes, both importing a module that calls `ATTACKS.register`, `DEFENSES.register`, ... at import time:
+Two routes, both importing a module that registers at import time (`attacks.template.register_attack`,
+`DEFENSES.register`, ...):
 
 - an installed package declares an entry point in the group `pixeldp_bench.plugins` whose value
   names the module (`[project.entry-points."pixeldp_bench.plugins"] mine = "mypkg.bench_plugin"`);

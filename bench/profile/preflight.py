@@ -10,7 +10,7 @@ import torch
 
 from bench.profile.config import ConfigError, Profile
 from bench.core.data import DatasetError, data_root, load_split, select_examples
-from bench.core.registry import DATASETS, DEFENSES
+from bench.core.defense import cell_defense, defense_memo
 from bench.core.types import Cell
 from bench.core.weights import WeightsError, file_sha256, resolve_path
 from bench.core.zoo import locate_profile
@@ -40,13 +40,7 @@ def resolve_weights(params: dict[str, Any], base: Path | None) -> dict[str, Any]
 def _check_defense(cell: Cell) -> bool:
     """Build the cell's defense; refuse an untrained model; load the user's weights and factory. True if it trains."""
     where = f"[defenses.{cell.defense_label}] on {cell.dataset}"
-    cls = DEFENSES.get(cell.defense)
-    try:
-        defense = cls(DATASETS.get(cell.dataset), **cell.defense_params)
-    except WeightsError as exc:
-        raise WeightsError(f"{where}: {exc}") from exc
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"bad parameters for defense {cell.defense!r} in {where}: {exc}") from exc
+    defense = cell_defense(cell)
     if defense.weights is not None or defense.factory is not None:
         try:
             with torch.random.fork_rng(devices=[]):
@@ -74,7 +68,7 @@ def check_defenses(cells: list[Cell]) -> dict[str, set[str]]:
     checked: set[str] = set()
     for cell in cells:
         needed = splits.setdefault(cell.dataset, {"test"})
-        memo = repr(sorted(cell.defense_config().items()))
+        memo = defense_memo(cell)
         if memo in checked:
             continue
         checked.add(memo)

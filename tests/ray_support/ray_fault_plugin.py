@@ -16,10 +16,11 @@ import torch
 from torch import nn
 
 from attacks.pgd import pgd_linf
-from bench.core.registry import ATTACKS
+from attacks.template import register_attack
 from bench.core.types import ThreatModel
 
 
+@register_attack("faulty_pgd", norm="linf", projected=True)  # pgd_linf projects every iterate
 def faulty_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel,
                generator: torch.Generator | None = None, steps: int = 5) -> torch.Tensor:
     """pgd_linf (x (N, C, H, W) -> x_adv) after the fault the environment asks for."""
@@ -34,5 +35,3 @@ def faulty_pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: Th
     time.sleep(float(os.environ.get("PIXELDP_TEST_SLOW_SECONDS", "0")))
     return pgd_linf(model, x, y, threat=threat, generator=generator, steps=steps)
 
-
-ATTACKS.register("faulty_pgd", faulty_pgd, norm="linf", minimum_norm=False, eot=False)

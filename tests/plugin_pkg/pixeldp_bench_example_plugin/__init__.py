@@ -7,29 +7,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks.template import register_attack
 from bench.defense import Defense
-from bench.registry import ATTACKS, DEFENSES
+from bench.registry import DEFENSES
 from bench.types import ThreatModel
 
 __all__ = ["CertifiedLinear", "fast_gradient_sign"]
 
 
+@register_attack("plugin_fgsm", norm="linf")
 def fast_gradient_sign(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, threat: ThreatModel,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """One signed-gradient step of size eps (FGSM, Goodfellow et al. 2015): x (N, C, H, W) -> x_adv, same shape.
 
+    The template checks the norm, returns x at eps = 0 and projects the step into the ball and the box.
     `generator` is accepted because the runner passes one to every attack; FGSM draws nothing.
     """
-    if threat.norm != "linf":
-        raise ValueError(f"plugin_fgsm is an L-inf attack; got a {threat.norm} threat model")
-    if threat.eps == 0:
-        return x.clone()
     x_in = x.detach().clone().requires_grad_(True)
     grad, = torch.autograd.grad(F.cross_entropy(model(x_in), y, reduction="sum"), x_in)
-    return threat.project(x.detach() + threat.eps * grad.sign(), x)
-
-
-ATTACKS.register("plugin_fgsm", fast_gradient_sign, norm="linf", minimum_norm=False, eot=False)
+    return x.detach() + threat.eps * grad.sign()
 
 
 @DEFENSES.register("plugin_linear", randomized=False, certified=True)
