@@ -84,8 +84,9 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
 
 
 def tables_of(folder: Path, stems: tuple[str, ...] | None = None) -> dict[str, bytes]:
+    # history.* shows every run of the profile in the store, the interrupted one included: not this run's tables.
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
-            if p.suffix in TABLE_SUFFIXES and (stems is None or p.stem in stems)}
+            if p.suffix in TABLE_SUFFIXES and (stems is None or p.stem in stems) and not p.stem.startswith("history")}
 
 
 def latest_run(results: Path) -> Path:

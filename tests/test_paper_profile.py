@@ -14,7 +14,7 @@ from bench.execution.store import Store
 
 
 def _raw(name: str) -> dict:
-    return tomllib.loads((resources.files("bench") / "profiles" / f"{name}.toml").read_text())
+    return tomllib.loads((resources.files("bench.profile") / "shipped" / f"{name}.toml").read_text())
 
 
 def _unregistered(raw: dict) -> list[str]:

@@ -301,13 +301,13 @@ def test_the_runner_builds_a_defense_once_per_configuration(tmp_path, monkeypatc
     """The clean and the attack cell of one defense share one object: built once (bench.defense.cell_defense),
     its model plan read from it, not built again."""
     built: list[str] = []
-    real = bench.runner.cell_defense
+    real = bench.execution.runner.cell_defense
 
     def counted(cell, *rest):
         built.append(cell.defense)
         return real(cell, *rest)
 
-    monkeypatch.setattr(bench.runner, "cell_defense", counted)
+    monkeypatch.setattr(bench.execution.runner, "cell_defense", counted)
     runner = Runner(Store(tmp_path / "store.sqlite"), RunOptions(results_dir=tmp_path, progress=False,
                                                                  log=lambda message: None))
     for key, cell in keyed(_profile().cells):

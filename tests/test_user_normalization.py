@@ -166,8 +166,9 @@ def test_smoothing_adds_its_noise_in_pixels_before_the_normalization(on_path):
 
 
 def test_without_normalization_the_keys_stay_as_they_were():
-    assert "input_mean" not in resolve_defense_params("undefended", "mnist5k", {"steps": 5})
-    given = resolve_defense_params("undefended", "mnist5k", {"steps": 5, "input_mean": [0.5], "input_std": 0.1})
+    assert "input_mean" not in resolve_defense_params("undefended", "mnist5k", {"steps": 5}, "test")
+    given = resolve_defense_params("undefended", "mnist5k", {"steps": 5, "input_mean": [0.5], "input_std": 0.1},
+                                   "test")
     assert given["input_mean"] == [0.5] and given["input_std"] == 0.1
 
 

@@ -36,7 +36,7 @@ def model_code(defense: str, params: dict[str, Any]) -> str:
 
 
 def attack_code(cell: Cell) -> str:
-    """Fingerprint of an attack cell's attack (bench.runner.cell_code leaves it out of a clean cell's code)."""
+    """Fingerprint of an attack cell's attack (runner.cell_code leaves it out of a clean cell's code)."""
     return code_fingerprint(ATTACKS.get(cell.attack))
 
 
