@@ -308,8 +308,8 @@ def test_the_runner_builds_a_defense_once_per_configuration(tmp_path, monkeypatc
         return real(cell, *rest)
 
     monkeypatch.setattr(bench.execution.runner, "cell_defense", counted)
-    runner = Runner(Store(tmp_path / "store.sqlite"), RunOptions(results_dir=tmp_path, progress=False,
-                                                                 log=lambda message: None))
+    runner = Runner(Store(tmp_path / "store.sqlite"), RunOptions(results_dir=tmp_path, progress=False),
+                    log=lambda message: None)
     for key, cell in keyed(_profile().cells):
         runner.run_cell(cell, key)
     assert built == ["pixeldp"] and runner.model_plan(cell).steps == 80 and built == ["pixeldp"]
